@@ -1,0 +1,206 @@
+"""The speculative generation loop: propose -> fuse -> prune -> verify -> accept -> observe."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from decode.acceptance import accept_greedy, accept_sampling
+from decode.tree_attention import compact_cache, tree_inputs
+from retrieval.drafters import Drafter, PromptLookupDrafter, as_token_array
+from retrieval.tree import DraftTree, fuse
+
+DEFAULT_BUDGET = 16
+
+
+@dataclass
+class GenerationStats:
+    """What a call did. ``mean_accepted`` counts accepted draft tokens + 1 per step."""
+
+    steps: int = 0
+    new_tokens: int = 0
+    accepted_per_drafter: dict[str, int] = field(default_factory=dict)
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    def summary(self) -> str:
+        by = ", ".join(f"{k} {v}" for k, v in self.accepted_per_drafter.items()) or "none"
+        return (
+            f"{self.new_tokens} tokens in {self.steps} steps, {self.mean_accepted:.2f} tokens/step; "
+            f"accepted drafts by source: {by}; drafting {self.draft_seconds:.3f}s, verifying {self.verify_seconds:.3f}s"
+        )
+
+
+@dataclass
+class GenerationOutput:
+    """``sequences``: LongTensor [1, prompt + new], as ``model.generate`` returns."""
+
+    sequences: torch.Tensor
+    stats: GenerationStats
+
+
+def _eos_ids(model, eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(model.generation_config, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    return {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
+
+
+def _check_inputs(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+        shape = list(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a LongTensor [1, prompt_length], got {shape}")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"batch size {input_ids.shape[0]} is not supported yet: pass one sequence, [1, prompt_length]")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: the prompt needs at least one token")
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"context of {limit} tokens"
+        )
+
+
+def _default_drafters(references, tokenizer, datastore) -> list[Drafter]:
+    refs = []
+    for r in references or ():
+        if isinstance(r, str):
+            if tokenizer is None:
+                raise ValueError("references given as text need tokenizer= to turn them into token ids")
+            r = tokenizer(r, add_special_tokens=False)["input_ids"]
+        refs.append(as_token_array(r, "a reference"))
+    drafters: list[Drafter] = [PromptLookupDrafter(references=refs)]
+    if datastore is not None:
+        drafters.extend(datastore.drafters())
+    return drafters
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    drafters: Sequence[Drafter] | None = None,
+    datastore=None,
+    references: Sequence[str | Sequence[int]] | None = None,
+    tokenizer=None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    budget: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    streamer=None,
+    seed: int | None = None,
+) -> GenerationOutput:
+    """Generate like ``model.generate``, verifying retrieved drafts with tree attention.
+
+    input_ids:  LongTensor [1, prompt_length] (batch size 1).
+    drafters:   None uses every drafter that applies (prompt lookup over the context and
+                ``references``, plus the datastore's); [] turns speculation off.
+    references: texts (tokenized with ``tokenizer``) or token-id sequences to copy from.
+    do_sample:  False is greedy, token for token equal to ``model.generate(do_sample=False)``;
+                True samples from the target's distribution after ``temperature``, ``top_k``
+                and ``top_p`` (None: not applied), exactly, whatever the drafts.
+    budget:     draft tree nodes verified per step (None: the default of 16).
+    Stops after max_new_tokens tokens or at the first EOS (``eos_token_id`` or the model's).
+    """
+    _check_inputs(model, input_ids, max_new_tokens)
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if drafters is None:
+        drafters = _default_drafters(references, tokenizer, datastore)
+    budget = DEFAULT_BUDGET if budget is None else budget
+    eos = _eos_ids(model, eos_token_id)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    device = model.device
+    base, head = model.base_model, model.get_output_embeddings()
+    stats = GenerationStats(accepted_per_drafter={d.name: 0 for d in drafters})
+
+    prompt_len = input_ids.shape[1]
+    tokens = np.empty(prompt_len + max_new_tokens, np.int32)  # the context, grown in place
+    tokens[:prompt_len] = input_ids[0].cpu().numpy()
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    cache = DynamicCache(config=model.config)
+    # Prefill all prompt tokens but the last; the last is the root of the first step.
+    if prompt_len > 1:
+        base(input_ids=input_ids[:, :-1].to(device), past_key_values=cache, use_cache=True)
+    length, done = prompt_len, False
+    while not done:
+        remaining = prompt_len + max_new_tokens - length
+        context = tokens[:length]
+
+        t0 = time.perf_counter()
+        tree = _propose(drafters, context, min(budget, remaining - 1))
+        t1 = time.perf_counter()
+
+        past = length - 1
+        ids, positions, mask = tree_inputs(int(tokens[past]), tree, past, device, model.dtype)
+        hidden = base(
+            input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True
+        ).last_hidden_state[0]  # [n+1, d]
+        if do_sample:
+            path, bonus = accept_sampling(
+                tree, lambda row: head(hidden[row]), temperature, top_k, top_p, generator
+            )
+        else:
+            path, bonus = accept_greedy(tree, head(hidden).argmax(-1).cpu().numpy())
+        compact_cache(cache, past, [0] + [i + 1 for i in path])
+        t2 = time.perf_counter()
+
+        new = [int(t) for t in tree.tokens[path]] + [bonus]  # <= remaining: the tree has < remaining nodes
+        for i, t in enumerate(new):
+            if t in eos:
+                new, done = new[: i + 1], True
+                break
+        tokens[length : length + len(new)] = new
+        length += len(new)
+        done = done or length == prompt_len + max_new_tokens
+        _count_sources(stats, drafters, tree, path[: len(new)])
+        stats.steps += 1
+        stats.draft_seconds += t1 - t0
+        stats.verify_seconds += t2 - t1
+        for d in drafters:
+            d.observe(tokens[:length], np.asarray(new, np.int32), None)
+        if streamer is not None:
+            streamer.put(torch.tensor(new))
+    if streamer is not None:
+        streamer.end()
+    stats.new_tokens = length - prompt_len
+    sequences = torch.from_numpy(tokens[:length].astype(np.int64)).view(1, -1).to(input_ids.device)
+    return GenerationOutput(sequences=sequences, stats=stats)
+
+
+def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int) -> DraftTree:
+    if budget <= 0 or not drafters:
+        return DraftTree.empty()
+    trees = []
+    for k, d in enumerate(drafters):
+        t = d.propose(context, budget)
+        trees.append(dataclasses.replace(t, sources=np.full(len(t), 1 << k, np.uint8)))
+    return fuse(trees, budget)
+
+
+def _count_sources(stats: GenerationStats, drafters: Sequence[Drafter], tree: DraftTree, path: list[int]) -> None:
+    if not path:
+        return
+    bits = tree.sources[path]
+    for k, d in enumerate(drafters):
+        stats.accepted_per_drafter[d.name] += int(np.count_nonzero(bits & (1 << k)))
