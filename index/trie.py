@@ -65,3 +65,50 @@ def build_trie(
             counts[c] += 1
             node = c
     return n
+
+
+@numba.njit(cache=True, nogil=True)
+def top_nodes(counts: np.ndarray, n: int, budget: int, out: np.ndarray) -> int:
+    """Select the ``budget`` nodes of ``counts[:n]`` ranked by (count desc, index asc).
+
+    Writes the selected node indices in ascending order (hence topological order for a trie
+    from ``build_trie``) into the caller-owned ``out`` (int64, length >= min(n, budget)) and
+    returns how many were written. A child's count never exceeds its parent's and the parent
+    wins ties by its smaller index, so the selection of a ``build_trie`` trie is closed under
+    parent: it is a tree hanging from the same root.
+    """
+    k = min(n, budget)
+    if k <= 0:
+        return 0
+    if k == n:
+        for i in range(n):
+            out[i] = i
+        return n
+    # c = the k-th largest count: keep every count above c, then the first ties in index order
+    c = -np.partition(-counts[:n].astype(np.int64), k - 1)[k - 1]
+    ties = k
+    for i in range(n):
+        if counts[i] > c:
+            ties -= 1
+    j = 0
+    for i in range(n):
+        if counts[i] > c or (counts[i] == c and ties > 0):
+            if counts[i] == c:
+                ties -= 1
+            out[j] = i
+            j += 1
+    assert j == k
+    return k
+
+
+@numba.njit(cache=True, nogil=True)
+def reindex_parents(parents: np.ndarray, keep: np.ndarray, k: int, out: np.ndarray) -> None:
+    """Parents of the nodes ``keep[:k]`` (ascending, closed under parent) renumbered to
+    their positions in ``keep``; -1 stays -1. Fills the caller-owned ``out[:k]`` (int32)."""
+    new = np.full(keep[k - 1] + 1 if k else 0, -1, np.int32)
+    for j in range(k):
+        i = keep[j]
+        new[i] = j
+        p = parents[i]
+        out[j] = -1 if p < 0 else new[p]
+        assert p < 0 or out[j] >= 0
