@@ -148,7 +148,7 @@ def generate(
         context = tokens[:length]
 
         t0 = time.perf_counter()
-        tree = _propose(drafters, context, min(budget, remaining - 1))
+        tree = _propose(drafters, context, budget, max_depth=remaining - 1)
         t1 = time.perf_counter()
 
         past = length - 1
@@ -165,7 +165,7 @@ def generate(
         compact_cache(cache, past, [0] + [i + 1 for i in path])
         t2 = time.perf_counter()
 
-        new = [int(t) for t in tree.tokens[path]] + [bonus]  # <= remaining: the tree has < remaining nodes
+        new = [int(t) for t in tree.tokens[path]] + [bonus]  # <= remaining: depth < remaining
         for i, t in enumerate(new):
             if t in eos:
                 new, done = new[: i + 1], True
@@ -188,14 +188,17 @@ def generate(
     return GenerationOutput(sequences=sequences, stats=stats)
 
 
-def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int) -> DraftTree:
-    if budget <= 0 or not drafters:
+def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int, max_depth: int) -> DraftTree:
+    if budget <= 0 or max_depth <= 0 or not drafters:
         return DraftTree.empty()
     trees = []
     for k, d in enumerate(drafters):
         t = d.propose(context, budget)
         trees.append(dataclasses.replace(t, sources=np.full(len(t), 1 << k, np.uint8)))
-    return fuse(trees, budget)
+    tree = fuse(trees, budget)
+    depths = tree.depths()
+    # Accepted drafts + the bonus token must fit in what is left of max_new_tokens.
+    return tree if depths.max(initial=0) <= max_depth else tree.subset(np.flatnonzero(depths <= max_depth))
 
 
 def _count_sources(stats: GenerationStats, drafters: Sequence[Drafter], tree: DraftTree, path: list[int]) -> None:

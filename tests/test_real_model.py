@@ -1,0 +1,62 @@
+"""The real default model (SmolLM2-135M-Instruct): greedy output equals model.generate."""
+
+import inspect
+import json.encoder
+
+import pytest
+import torch
+
+from conftest import chat_ids
+from decode import generate
+
+CODE = inspect.getsource(json.encoder)
+
+PROMPTS = {
+    "short": "Hi!",
+    "eos_early": "Answer with a single word: what is the capital of France?",
+    "repetition": "Count from 1 to 40, separated by commas.",
+    "repeat_text": "Repeat this sentence three times: the cat sat on the mat and looked at the hat.",
+    "code": "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+    "summary": "Summarize in two sentences: The Industrial Revolution began in Britain in the late 18th century. "
+               "It transformed economies from agrarian to industrial, introduced factories and steam power, "
+               "and led to rapid urbanization. Working conditions were often harsh, which led to labor reforms.",
+    "math": "If a train travels 60 miles per hour for 3 hours, how far does it go? Explain step by step.",
+    "list": "List five fruits and one fact about each.",
+    "rewrite": "Rewrite this more formally: hey guys, the meeting got moved to 3pm tomorrow, don't be late ok?",
+    "long": "Here is a Python module:\n\n" + CODE[:6000] + "\n\nExplain what the function encode_basestring does.",
+}
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_greedy_equals_model_generate_on_the_default_model(smollm, name):
+    model, tok = smollm
+    ids = chat_ids(tok, PROMPTS[name])
+    if name == "long":
+        assert ids.shape[1] > 1500
+    ref = model.generate(ids, max_new_tokens=80, do_sample=False)
+    out = generate(model, ids, max_new_tokens=80)
+    assert torch.equal(out.sequences, ref), tok.decode(out.sequences[0, ids.shape[1]:])
+    if name == "eos_early":
+        assert out.sequences.shape[1] < ids.shape[1] + 80 and out.sequences[0, -1] == tok.eos_token_id
+
+
+@pytest.mark.model
+def test_references_are_used_on_the_default_model(smollm):
+    model, tok = smollm
+    doc = CODE[:3000]
+    ids = chat_ids(tok, "Copy the following text exactly:\n" + doc[:1200])
+    ref = model.generate(ids, max_new_tokens=64, do_sample=False)
+    plain = generate(model, ids, max_new_tokens=64, drafters=[])
+    with_refs = generate(model, ids, max_new_tokens=64, references=[doc], tokenizer=tok)
+    assert torch.equal(plain.sequences, ref) and torch.equal(with_refs.sequences, ref)
+    assert with_refs.stats.mean_accepted > 2
+
+
+@pytest.mark.model
+def test_sampling_runs_on_the_default_model_and_is_reproducible(smollm):
+    model, tok = smollm
+    ids = chat_ids(tok, "Tell me a very short story about a robot.")
+    a = generate(model, ids, max_new_tokens=24, do_sample=True, temperature=0.8, top_p=0.9, seed=7)
+    b = generate(model, ids, max_new_tokens=24, do_sample=True, temperature=0.8, top_p=0.9, seed=7)
+    assert torch.equal(a.sequences, b.sequences)
