@@ -12,11 +12,14 @@ import torch
 from transformers import DynamicCache
 
 from decode.acceptance import accept_greedy, accept_sampling
+from decode.budget import CostModel, choose_budget
 from decode.tree_attention import compact_cache, tree_inputs
-from retrieval.drafters import Drafter, PromptLookupDrafter, as_token_array
-from retrieval.tree import DraftTree, fuse
+from retrieval.drafters import Drafter, PromptLookupDrafter, ReferenceDrafter, as_token_array
+from retrieval.tree import DraftTree, fuse, prune
 
-DEFAULT_BUDGET = 16
+MAX_NODES = 64  # candidates considered per step when the budget is automatic
+TOPK = 8  # top-k ids per verified row handed to drafters that learn from them
+ORIGIN_BITS = 48  # a fused node's origin carries its drafter's index above these bits
 
 
 @dataclass
@@ -42,11 +45,25 @@ class GenerationStats:
 
 
 @dataclass
+class Span:
+    """Output tokens [start, start + length) (indices among the new tokens) copied from
+    ``document`` at token ``offset``, as drafted by ``source``."""
+
+    start: int
+    length: int
+    source: str
+    document: str
+    offset: int
+
+
+@dataclass
 class GenerationOutput:
-    """``sequences``: LongTensor [1, prompt + new], as ``model.generate`` returns."""
+    """``sequences``: LongTensor [1, prompt + new], as ``model.generate`` returns.
+    ``spans``: accepted copied spans with the document they came from."""
 
     sequences: torch.Tensor
     stats: GenerationStats
+    spans: list[Span] = field(default_factory=list)
 
 
 def _eos_ids(model, eos_token_id) -> set[int]:
@@ -67,23 +84,33 @@ def _check_inputs(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
         raise ValueError(f"batch size {input_ids.shape[0]} is not supported yet: pass one sequence, [1, prompt_length]")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty: the prompt needs at least one token")
+    total = input_ids.shape[1] + max_new_tokens
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+    if limit is not None and total > limit:
         raise ValueError(
             f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"context of {limit} tokens"
         )
+    window = getattr(model.config, "sliding_window", None)
+    if window is not None and total > window:
+        raise ValueError(
+            f"prompt + max_new_tokens ({total}) exceeds the model's sliding attention window of {window} tokens: "
+            "tree verification past the window is not supported yet"
+        )
 
 
 def _default_drafters(references, tokenizer, datastore) -> list[Drafter]:
-    refs = []
-    for r in references or ():
-        if isinstance(r, str):
-            if tokenizer is None:
-                raise ValueError("references given as text need tokenizer= to turn them into token ids")
-            r = tokenizer(r, add_special_tokens=False)["input_ids"]
-        refs.append(as_token_array(r, "a reference"))
-    drafters: list[Drafter] = [PromptLookupDrafter(references=refs)]
+    drafters: list[Drafter] = [PromptLookupDrafter()]
+    if references:
+        docs, names = [], []
+        for i, r in enumerate(references):
+            if isinstance(r, str):
+                if tokenizer is None:
+                    raise ValueError("references given as text need tokenizer= to turn them into token ids")
+                r = tokenizer(r, add_special_tokens=False)["input_ids"]
+            docs.append(as_token_array(r, "a reference"))
+            names.append(f"reference {i}")
+        drafters.append(ReferenceDrafter(docs, names))
     if datastore is not None:
         drafters.extend(datastore.drafters())
     return drafters
@@ -111,13 +138,17 @@ def generate(
     """Generate like ``model.generate``, verifying retrieved drafts with tree attention.
 
     input_ids:  LongTensor [1, prompt_length] (batch size 1).
-    drafters:   None uses every drafter that applies (prompt lookup over the context and
-                ``references``, plus the datastore's); [] turns speculation off.
+    drafters:   None uses every drafter that applies: prompt lookup over the context, the
+                ``references``, and the ``datastore``'s (corpus, past outputs, token
+                recycling); [] turns speculation off.
+    datastore:  a ``retrieval.Datastore``; opened writable, it keeps what this call learned.
     references: texts (tokenized with ``tokenizer``) or token-id sequences to copy from.
     do_sample:  False is greedy, token for token equal to ``model.generate(do_sample=False)``;
                 True samples from the target's distribution after ``temperature``, ``top_k``
                 and ``top_p`` (None: not applied), exactly, whatever the drafts.
-    budget:     draft tree nodes verified per step (None: the default of 16).
+    budget:     draft tree nodes verified per step. None chooses each step's size from the
+                drafts' scores and this hardware's measured cost curve c(n) (see
+                decode.budget; measured once per model and device, a few seconds, then cached).
     Stops after max_new_tokens tokens or at the first EOS (``eos_token_id`` or the model's).
     """
     _check_inputs(model, input_ids, max_new_tokens)
@@ -125,85 +156,115 @@ def generate(
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if drafters is None:
         drafters = _default_drafters(references, tokenizer, datastore)
-    budget = DEFAULT_BUDGET if budget is None else budget
+    costs = CostModel.of(model) if budget is None else None
     eos = _eos_ids(model, eos_token_id)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    device = model.device
+    want_topk = any(d.needs_topk for d in drafters)
     base, head = model.base_model, model.get_output_embeddings()
     stats = GenerationStats(accepted_per_drafter={d.name: 0 for d in drafters})
+    spans: list[Span] = []
 
     prompt_len = input_ids.shape[1]
-    tokens = np.empty(prompt_len + max_new_tokens, np.int32)  # the context, grown in place
+    end = prompt_len + max_new_tokens
+    tokens = np.empty(end, np.int32)  # the context, grown in place
     tokens[:prompt_len] = input_ids[0].cpu().numpy()
     if streamer is not None:
         streamer.put(input_ids.cpu())
-
     cache = DynamicCache(config=model.config)
     # Prefill all prompt tokens but the last; the last is the root of the first step.
     if prompt_len > 1:
-        base(input_ids=input_ids[:, :-1].to(device), past_key_values=cache, use_cache=True)
+        base(input_ids=input_ids[:, :-1].to(model.device), past_key_values=cache, use_cache=True)
+
     length, done = prompt_len, False
     while not done:
-        remaining = prompt_len + max_new_tokens - length
-        context = tokens[:length]
-
         t0 = time.perf_counter()
-        tree = _propose(drafters, context, budget, max_depth=remaining - 1)
+        tree = _propose(drafters, tokens[:length], MAX_NODES if budget is None else budget, max_depth=end - length - 1)
+        if costs is not None and len(tree):
+            tree = prune(tree, choose_budget(tree.scores, costs.table(length)))
         t1 = time.perf_counter()
 
         past = length - 1
-        ids, positions, mask = tree_inputs(int(tokens[past]), tree, past, device, model.dtype)
-        hidden = base(
-            input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True
-        ).last_hidden_state[0]  # [n+1, d]
+        ids, positions, mask = tree_inputs(int(tokens[past]), tree, past, model.device, model.dtype)
+        hidden = base(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
+                      use_cache=True).last_hidden_state[0]  # [n+1, d]
+        logits = head(hidden) if want_topk or not do_sample else None  # [n+1, vocab]
         if do_sample:
-            path, bonus = accept_sampling(
-                tree, lambda row: head(hidden[row]), temperature, top_k, top_p, generator
-            )
+            path, bonus = accept_sampling(tree, lambda row: head(hidden[row]), temperature, top_k, top_p, generator)
         else:
-            path, bonus = accept_greedy(tree, head(hidden).argmax(-1).cpu().numpy())
+            path, bonus = accept_greedy(tree, logits.argmax(-1).cpu().numpy())
         compact_cache(cache, past, [0] + [i + 1 for i in path])
         t2 = time.perf_counter()
 
-        new = [int(t) for t in tree.tokens[path]] + [bonus]  # <= remaining: depth < remaining
-        for i, t in enumerate(new):
-            if t in eos:
-                new, done = new[: i + 1], True
-                break
+        new = [int(t) for t in tree.tokens[path]] + [bonus]  # <= end - length: depth < that
+        if eos & set(new):
+            new = new[: next(i for i, t in enumerate(new) if t in eos) + 1]
+            done = True
         tokens[length : length + len(new)] = new
+        _record(stats, spans, drafters, tree, path[: len(new)], length - prompt_len)
         length += len(new)
-        done = done or length == prompt_len + max_new_tokens
-        _count_sources(stats, drafters, tree, path[: len(new)])
+        done = done or length == end
         stats.steps += 1
         stats.draft_seconds += t1 - t0
         stats.verify_seconds += t2 - t1
+        rows = _topk_rows(ids, logits) if want_topk else None
         for d in drafters:
-            d.observe(tokens[:length], np.asarray(new, np.int32), None)
+            d.observe(tokens[:length], np.asarray(new, np.int32), rows if d.needs_topk else None)
         if streamer is not None:
             streamer.put(torch.tensor(new))
     if streamer is not None:
         streamer.end()
     stats.new_tokens = length - prompt_len
+    if datastore is not None:
+        datastore.commit()
     sequences = torch.from_numpy(tokens[:length].astype(np.int64)).view(1, -1).to(input_ids.device)
-    return GenerationOutput(sequences=sequences, stats=stats)
+    return GenerationOutput(sequences=sequences, stats=stats, spans=spans)
 
 
 def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int, max_depth: int) -> DraftTree:
+    """Every drafter's tree, stamped with its source bit and origin tag, fused and cut to
+    ``budget`` nodes and ``max_depth`` levels."""
     if budget <= 0 or max_depth <= 0 or not drafters:
         return DraftTree.empty()
     trees = []
     for k, d in enumerate(drafters):
         t = d.propose(context, budget)
-        trees.append(dataclasses.replace(t, sources=np.full(len(t), 1 << k, np.uint8)))
+        origins = np.where(t.origins >= 0, t.origins | (k << ORIGIN_BITS), -1)
+        trees.append(dataclasses.replace(t, sources=np.full(len(t), 1 << k, np.uint8), origins=origins))
     tree = fuse(trees, budget)
     depths = tree.depths()
     # Accepted drafts + the bonus token must fit in what is left of max_new_tokens.
     return tree if depths.max(initial=0) <= max_depth else tree.subset(np.flatnonzero(depths <= max_depth))
 
 
-def _count_sources(stats: GenerationStats, drafters: Sequence[Drafter], tree: DraftTree, path: list[int]) -> None:
+def _topk_rows(ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
+    """int32 [n+1, 1 + TOPK]: each verified row's input token, then the target's top-k after it."""
+    top = logits.topk(TOPK, dim=-1).indices
+    return torch.cat([ids[0, :, None], top], dim=1).cpu().numpy().astype(np.int32)
+
+
+def _record(stats: GenerationStats, spans: list[Span], drafters: Sequence[Drafter], tree: DraftTree,
+            path: list[int], start: int) -> None:
+    """Credit accepted nodes to their drafters and extend the copied spans.
+
+    ``start`` is the index, among the new tokens, of the first accepted node.
+    """
     if not path:
         return
     bits = tree.sources[path]
     for k, d in enumerate(drafters):
         stats.accepted_per_drafter[d.name] += int(np.count_nonzero(bits & (1 << k)))
+    for i, origin in enumerate(tree.origins[path].tolist()):
+        if origin < 0:
+            continue
+        drafter = drafters[origin >> ORIGIN_BITS]
+        document, offset = drafter.locate(origin & ((1 << ORIGIN_BITS) - 1))
+        at = start + i
+        last = spans[-1] if spans else None
+        # A gap of one is the previous step's bonus token: the next copy matched it in the
+        # document, so the document goes on through it.
+        if (last is not None and last.document == document and last.source == drafter.name
+                and at - (last.start + last.length) in (0, 1)
+                and offset - (last.offset + last.length) == at - (last.start + last.length)):
+            last.length = at - last.start + 1
+        else:
+            spans.append(Span(at, 1, drafter.name, document, offset))

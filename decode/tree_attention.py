@@ -61,10 +61,18 @@ def compact_cache(cache, past: int, rows: list[int]) -> None:
     # are exactly 0..k-1 the entries are already in place.
     moved = rows[-1] != len(rows) - 1
     src = torch.tensor([past + r for r in rows]) if moved else None
-    for layer in cache.layers:
-        k, v = layer.keys, layer.values  # [batch, heads, seq, head_dim]
-        if moved:
+    if moved:
+        for layer in cache.layers:
+            k, v = layer.keys, layer.values  # [batch, heads, seq, head_dim]
             src = src.to(k.device)
             k[:, :, past:keep] = k.index_select(2, src)
             v[:, :, past:keep] = v.index_select(2, src)
-        layer.keys, layer.values = k[:, :, :keep], v[:, :, :keep]
+    truncate_cache(cache, keep)
+
+
+def truncate_cache(cache, length: int) -> None:
+    """Drop every cache entry from ``length`` on (a view: no copy)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        if hasattr(layer, "cumulative_length"):  # sliding-window layers count what they have seen
+            layer.cumulative_length = length

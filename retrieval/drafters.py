@@ -1,4 +1,8 @@
-"""Drafters: each turns one source of text into a DraftTree for the current context."""
+"""Drafters: each turns one source of text into a DraftTree for the current context.
+
+A drafter serves one generation call: the engine builds fresh ones per call (structures
+shared across calls, such as a datastore's, are passed in and updated in place).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,10 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from index import suffix_array
 from index.lookup import suffix_occurrences
+from index.recycling import TokenRecycling
+from index.suffix_tree import SuffixTree
 from index.trie import build_trie
 from retrieval.tree import DraftTree, fuse, prune
 
@@ -18,7 +25,9 @@ class Drafter(Protocol):
     (int32 [L]: prompt + verified output, a view the caller owns and keeps changing: copy
     what you keep). ``observe`` is called after verification with the tokens accepted this
     step (including the bonus token) and, if the drafter's ``needs_topk`` is True, the
-    target's top-k ids at every verified row (int32 [rows, k]); otherwise None.
+    verified tree rows as int32 [rows, 1 + k]: each row's input token, then the target's
+    top-k ids after it; otherwise None. A drafter that copies from documents also has
+    ``locate(origin) -> (document, token offset)`` for the origins it puts in its trees.
     """
 
     name: str
@@ -30,8 +39,8 @@ class Drafter(Protocol):
 
 
 def as_token_array(tokens, what: str) -> np.ndarray:
-    """A 1-D int32 copy of ``tokens`` (list, numpy array or tensor), or ValueError naming ``what``."""
-    a = np.asarray(tokens.tolist() if hasattr(tokens, "tolist") and not isinstance(tokens, np.ndarray) else tokens)
+    """A 1-D int32 copy of ``tokens`` (list, numpy array or CPU tensor), or ValueError naming ``what``."""
+    a = np.asarray(tokens)
     if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
         raise ValueError(f"{what} must be a 1-D sequence of token ids, got {a.dtype} {list(a.shape)}")
     return a.astype(np.int32)
@@ -48,70 +57,223 @@ def join_documents(docs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return stream, starts
 
 
-class PromptLookupDrafter:
-    """Copies what followed earlier occurrences of the context's last n tokens.
+def _depths(parents: np.ndarray) -> np.ndarray:
+    depth = np.ones(parents.shape[0], np.int32)
+    for i, p in enumerate(parents.tolist()):
+        if p >= 0:
+            depth[i] = depth[p] + 1
+    return depth
 
-    Searches the context itself (prompt + output so far) and, if given, reference token
-    streams. Unlike a single-chain prompt lookup, every occurrence of the longest matching
-    suffix (up to ``max_occurrences``, most recent first) contributes a branch, and branches
-    that agree share a counted trie. A node's score is the fraction of occurrences that
-    continue through it, times ``confidence[n]`` per token of depth (longer matched
-    suffixes are likelier to go on the same way).
+
+def _prior(scores: np.ndarray, parents: np.ndarray, first: float, decay: float) -> np.ndarray:
+    """Count-ratio scores times the acceptance prior ``first * decay ** (depth - 1)``."""
+    return (scores * first * decay ** (_depths(parents) - 1)).astype(np.float32)
+
+
+def _table(values: Sequence[float], n: int) -> float:
+    """Entry n of a prior table indexed by match length, the last entry for longer matches."""
+    return float(values[min(n, len(values) - 1)])
+
+
+class _Lookup:
+    """Prompt-lookup search of one stream: occurrences of the context's longest suffix
+    (min_n..max_n tokens, up to ``max_occurrences``, most recent first) and the counted
+    trie of what followed them, scored by the fraction of occurrences through each node
+    times the prior for the match length."""
+
+    def __init__(self, min_n: int, max_n: int, max_occurrences: int, depth: int,
+                 first: Sequence[float], decay: Sequence[float]):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n} max_n={max_n}")
+        self.min_n, self.max_n, self.depth, self.first, self.decay = min_n, max_n, depth, first, decay
+        self._starts = np.empty(max_occurrences, np.int64)
+        cap = max_occurrences * depth
+        self._out = (np.empty(cap, np.int32), np.empty(cap, np.int32), np.empty(cap, np.int32), np.empty(cap, np.int64))
+
+    def tree(self, stream: np.ndarray, end: int, context: np.ndarray, budget: int, attribute: bool) -> DraftTree:
+        count, n = suffix_occurrences(stream, end, context, self.min_n, self.max_n, self._starts)
+        if count == 0 or budget <= 0:
+            return DraftTree.empty()
+        tokens, parents, counts, origins = self._out
+        k = build_trie(stream, self._starts[:count], self.depth, tokens, parents, counts, origins)
+        scores = _prior(counts[:k] / np.float32(count), parents[:k], _table(self.first, n), _table(self.decay, n))
+        tree = DraftTree(tokens[:k].copy(), parents[:k].copy(), scores, np.zeros(k, np.uint8),
+                         origins[:k].copy() if attribute else np.full(k, -1, np.int64))
+        return prune(tree, budget)
+
+
+# Acceptance priors per matched suffix length (index = length), fitted by replaying the
+# recorded SmolLM2 greedy traces of ../shared/data/traces (Spec-Bench, all categories).
+PROMPT_FIRST = (0.0, 0.42, 0.55, 0.6, 0.93)
+PROMPT_DECAY = (0.0, 0.6, 0.7, 0.85, 0.95)
+
+
+class PromptLookupDrafter:
+    """Copies what followed earlier occurrences of the context's last n tokens in the context.
+
+    Unlike a single-chain prompt lookup, every occurrence of the longest matching suffix
+    contributes a branch, and branches that agree share a counted trie.
     """
 
     name = "prompt_lookup"
     needs_topk = False
 
-    def __init__(
-        self,
-        references: Sequence[np.ndarray] = (),
-        min_n: int = 1,
-        max_n: int = 4,
-        max_occurrences: int = 8,
-        depth: int = 10,
-        confidence: Sequence[float] = (0.0, 0.5, 0.65, 0.75, 0.8),
-    ):
-        if not 1 <= min_n <= max_n:
-            raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n} max_n={max_n}")
-        if len(confidence) <= max_n:
-            raise ValueError(f"confidence needs an entry for each n up to {max_n}, got {len(confidence)}")
-        self.min_n, self.max_n, self.depth = min_n, max_n, depth
-        self.confidence = np.asarray(confidence, np.float32)
-        self.references, self.doc_starts = join_documents([as_token_array(r, "a reference") for r in references])
-        self._starts = np.empty(max_occurrences, np.int64)
-        cap = max_occurrences * depth
-        self._tokens = np.empty(cap, np.int32)
-        self._parents = np.empty(cap, np.int32)
-        self._counts = np.empty(cap, np.int32)
-        self._origins = np.empty(cap, np.int64)
-
-    def _lookup(self, stream: np.ndarray, end: int, context: np.ndarray, budget: int, attribute: bool) -> DraftTree:
-        count, n = suffix_occurrences(stream, end, context, self.min_n, self.max_n, self._starts)
-        if count == 0:
-            return DraftTree.empty()
-        k = build_trie(stream, self._starts[:count], self.depth, self._tokens, self._parents, self._counts, self._origins)
-        parents = self._parents[:k]
-        depth = np.ones(k, np.int32)
-        for i in range(k):
-            if parents[i] >= 0:
-                depth[i] = depth[parents[i]] + 1
-        scores = self._counts[:k] / np.float32(count) * self.confidence[n] ** depth
-        origins = self._origins[:k].copy() if attribute else np.full(k, -1, np.int64)
-        tree = DraftTree(self._tokens[:k].copy(), parents.copy(), scores.astype(np.float32), np.zeros(k, np.uint8), origins)
-        return prune(tree, budget)
+    def __init__(self, min_n: int = 1, max_n: int = 4, max_occurrences: int = 8, depth: int = 10,
+                 first: Sequence[float] = PROMPT_FIRST, decay: Sequence[float] = PROMPT_DECAY):
+        self._lookup = _Lookup(min_n, max_n, max_occurrences, depth, first, decay)
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
-        if budget <= 0:
-            return DraftTree.empty()
-        trees = [self._lookup(context, context.shape[0], context, budget, attribute=False)]
-        if self.references.shape[0]:
-            trees.append(self._lookup(self.references, self.references.shape[0], context, budget, attribute=True))
-        return fuse(trees, budget)
+        return self._lookup.tree(context, context.shape[0], context, budget, attribute=False)
 
     def observe(self, context: np.ndarray, accepted: np.ndarray, topk: np.ndarray | None) -> None:
         """Stateless: the context it searches already holds the accepted tokens."""
 
-    def document_of(self, origin: int) -> tuple[int, int]:
-        """(reference index, token offset in it) of a reference stream position."""
-        doc = int(np.searchsorted(self.doc_starts, origin, side="right")) - 1
-        return doc, origin - int(self.doc_starts[doc])
+
+class ReferenceDrafter:
+    """LLMA-style copying from reference documents handed to the call.
+
+    Same search as prompt lookup, over the references (joined with separators), and every
+    node remembers the reference position it was copied from, for attribution.
+    """
+
+    name = "reference"
+    needs_topk = False
+
+    def __init__(self, references: Sequence[Sequence[int]], names: Sequence[str] | None = None,
+                 min_n: int = 2, max_n: int = 8, max_occurrences: int = 8, depth: int = 16,
+                 first: Sequence[float] = (0.0, 0.0, 0.55, 0.6, 0.93), decay: Sequence[float] = (0.0, 0.0, 0.7, 0.85, 0.95)):
+        docs = [as_token_array(r, "a reference") for r in references]
+        self.names = list(names) if names is not None else [f"reference {i}" for i in range(len(docs))]
+        if len(self.names) != len(docs):
+            raise ValueError(f"{len(docs)} references but {len(self.names)} names")
+        self.stream, self.starts = join_documents(docs)
+        self._lookup = _Lookup(min_n, max_n, max_occurrences, depth, first, decay)
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        return self._lookup.tree(self.stream, self.stream.shape[0], context, budget, attribute=True)
+
+    def observe(self, context: np.ndarray, accepted: np.ndarray, topk: np.ndarray | None) -> None:
+        """Stateless."""
+
+    def locate(self, origin: int) -> tuple[str, int]:
+        """(reference name, token offset in it) of a position in the joined stream."""
+        doc = int(np.searchsorted(self.starts, origin, side="right")) - 1
+        return self.names[doc], origin - int(self.starts[doc])
+
+
+# Suffix-tree priors per match length, fitted on the same traces.
+SUFFIX_FIRST = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
+SUFFIX_DECAY = (0.0, 0.7, 0.75, 0.8, 0.85, 0.9, 0.9, 0.92, 0.95)
+
+
+class SuffixDrafter:
+    """SuffixDecoding: a suffix tree over this request's context, plus a shared one over
+    past outputs (``output_tree``, e.g. a datastore's), which this drafter also feeds.
+
+    Scores are the trees' count ratios times a prior for the matched length.
+    """
+
+    name = "suffix"
+    needs_topk = False
+
+    def __init__(self, output_tree: SuffixTree | None = None, max_depth: int = 32,
+                 first: Sequence[float] = SUFFIX_FIRST, decay: Sequence[float] = SUFFIX_DECAY):
+        self.request = SuffixTree(max_depth=max_depth, max_tokens=1 << 24)
+        self._seq = self.request.add_sequence()
+        self._seen = 0
+        self.output_tree = output_tree
+        self._output_seq: int | None = None
+        self.first, self.decay = first, decay
+
+    def _tree(self, tree: SuffixTree, context: np.ndarray, budget: int) -> DraftTree:
+        tokens, parents, scores, m = tree.draft(context, budget)
+        if m == 0:
+            return DraftTree.empty()
+        scores = _prior(scores, parents, _table(self.first, m), _table(self.decay, m))
+        return DraftTree(tokens, parents, scores, np.zeros(len(tokens), np.uint8), np.full(len(tokens), -1, np.int64))
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        if budget <= 0:
+            return DraftTree.empty()
+        # The request tree holds the context minus its last token: a suffix must have a
+        # continuation to be worth matching.
+        self.request.append(self._seq, context[self._seen : context.shape[0] - 1])
+        self._seen = context.shape[0] - 1
+        trees = [self._tree(self.request, context, budget)]
+        if self.output_tree is not None and len(self.output_tree):
+            trees.append(self._tree(self.output_tree, context, budget))
+        return fuse(trees, budget)
+
+    def observe(self, context: np.ndarray, accepted: np.ndarray, topk: np.ndarray | None) -> None:
+        if self.output_tree is None:
+            return
+        if self._output_seq is None or self._output_seq not in self.output_tree:
+            self._output_seq = self.output_tree.add_sequence()
+        self.output_tree.append(self._output_seq, accepted)
+
+
+# Corpus priors per match length (REST): short matches in a large corpus say little.
+CORPUS_FIRST = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+CORPUS_DECAY = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.9, 0.92)
+
+
+class CorpusDrafter:
+    """REST: continuations of the context's longest suffix found in a corpus suffix array.
+
+    ``tokens``/``sa`` are typically a datastore's memory-mapped stream and suffix array
+    (read, never written). ``locate`` maps a stream position to (document, offset).
+    """
+
+    name = "corpus"
+    needs_topk = False
+
+    def __init__(self, tokens: np.ndarray, sa: np.ndarray, locate=None, max_len: int = 16, min_len: int = 2,
+                 max_positions: int = 256, depth: int = 12,
+                 first: Sequence[float] = CORPUS_FIRST, decay: Sequence[float] = CORPUS_DECAY):
+        self.tokens, self.sa, self._locate = tokens, sa, locate
+        self.max_len, self.min_len, self.max_positions, self.depth = max_len, min_len, max_positions, depth
+        self.first, self.decay = first, decay
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        if budget <= 0 or self.tokens.shape[0] == 0:
+            return DraftTree.empty()
+        lo, hi, m = suffix_array.longest_match(self.tokens, self.sa, context, self.max_len)
+        if m < self.min_len:
+            return DraftTree.empty()
+        tokens, parents, scores, origins = suffix_array.continuations(
+            self.tokens, self.sa, lo, hi, m, self.max_positions, self.depth, budget)
+        scores = _prior(scores, parents, _table(self.first, m), _table(self.decay, m))
+        return DraftTree(tokens, parents, scores, np.zeros(len(tokens), np.uint8), origins)
+
+    def observe(self, context: np.ndarray, accepted: np.ndarray, topk: np.ndarray | None) -> None:
+        """Static: the corpus does not learn from outputs (the suffix drafter does)."""
+
+    def locate(self, origin: int) -> tuple[str, int]:
+        if self._locate is None:
+            return "corpus", origin
+        return self._locate(origin)
+
+
+class RecyclingDrafter:
+    """Token Recycling: the target's own most recent top-k after each token, as a tree.
+
+    ``matrix`` is shared (a datastore keeps one per model); every verified row updates it.
+    """
+
+    name = "recycling"
+    needs_topk = True
+
+    def __init__(self, matrix: TokenRecycling):
+        self.matrix = matrix
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        last = int(context[-1])
+        if budget <= 0 or not 0 <= last < self.matrix.vocab_size:
+            return DraftTree.empty()
+        tokens, parents, scores = self.matrix.draft(last, budget)
+        n = len(tokens)
+        return DraftTree(tokens, parents, scores, np.zeros(n, np.uint8), np.full(n, -1, np.int64))
+
+    def observe(self, context: np.ndarray, accepted: np.ndarray, topk: np.ndarray | None) -> None:
+        if topk is not None and len(topk):
+            self.matrix.update(topk[:, 0], topk[:, 1:])

@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 from index.lookup import suffix_occurrences
 from index.trie import build_trie
-from retrieval.drafters import PromptLookupDrafter
+from retrieval.drafters import PromptLookupDrafter, ReferenceDrafter
 
 
 def oracle(stream, end, context, min_n, max_n):
@@ -61,10 +61,10 @@ def test_drafter_branches_over_several_occurrences():
 
 def test_drafter_searches_references_and_reports_origins():
     ref_a, ref_b = [5, 5, 5], [6, 1, 2, 3, 4]
-    d = PromptLookupDrafter(references=[ref_a, ref_b], max_n=2)
+    d = ReferenceDrafter([ref_a, ref_b], names=["a.txt", "b.txt"])
     tree = d.propose(np.array([0, 1, 2], np.int32), budget=4)
     assert tree.tokens.tolist()[:2] == [3, 4]
-    assert d.document_of(int(tree.origins[0])) == (1, 3)
+    assert d.locate(int(tree.origins[0])) == ("b.txt", 3)
 
 
 def test_drafter_budget_zero_and_no_match_give_empty_trees():
@@ -78,4 +78,4 @@ def test_bad_drafter_settings_are_rejected():
     with pytest.raises(ValueError, match="min_n <= max_n"):
         PromptLookupDrafter(min_n=3, max_n=2)
     with pytest.raises(ValueError, match="1-D sequence of token ids"):
-        PromptLookupDrafter(references=[[[1, 2]]])
+        ReferenceDrafter([[[1, 2]]])
