@@ -1,6 +1,23 @@
 """Where drafts come from: the DraftTree type, fusion and pruning, and the drafters."""
 
+from retrieval.corpus import Document, EmptyCorpusError, SkipCounts, iter_documents
 from retrieval.drafters import Drafter, PromptLookupDrafter
+from retrieval.store import (
+    CorruptDatastoreError,
+    Datastore,
+    DatastoreError,
+    FormatVersionError,
+    IncompleteDatastoreError,
+    ReadOnlyDatastoreError,
+    StaleDatastoreError,
+    TokenizerMismatchError,
+    tokenizer_fingerprint,
+)
 from retrieval.tree import DraftTree, fuse, prune
 
 __all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter"]
+__all__ += [
+    "Datastore", "DatastoreError", "CorruptDatastoreError", "FormatVersionError", "IncompleteDatastoreError",
+    "ReadOnlyDatastoreError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint",
+    "Document", "EmptyCorpusError", "SkipCounts", "iter_documents",
+]
