@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -15,6 +16,7 @@ from decode.acceptance import accept_greedy, accept_sampling
 from decode.budget import CostModel, choose_budget
 from decode.tree_attention import compact_cache, tree_inputs
 from retrieval.drafters import Drafter, PromptLookupDrafter, ReferenceDrafter, as_token_array
+from retrieval.online import OnlineState
 from retrieval.tree import DraftTree, fuse, prune
 
 MAX_NODES = 64  # candidates considered per step when the budget is automatic
@@ -99,7 +101,10 @@ def _check_inputs(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
         )
 
 
-def _default_drafters(references, tokenizer, datastore) -> list[Drafter]:
+_process_state: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> OnlineState
+
+
+def _default_drafters(model, references, tokenizer, datastore) -> list[Drafter]:
     drafters: list[Drafter] = [PromptLookupDrafter()]
     if references:
         docs, names = [], []
@@ -112,7 +117,11 @@ def _default_drafters(references, tokenizer, datastore) -> list[Drafter]:
             names.append(f"reference {i}")
         drafters.append(ReferenceDrafter(docs, names))
     if datastore is not None:
-        drafters.extend(datastore.drafters())
+        drafters.extend(datastore.drafters(model.config.vocab_size))
+    else:
+        if model not in _process_state:
+            _process_state[model] = OnlineState(model.config.vocab_size)
+        drafters.extend(_process_state[model].drafters())
     return drafters
 
 
@@ -139,8 +148,9 @@ def generate(
 
     input_ids:  LongTensor [1, prompt_length] (batch size 1).
     drafters:   None uses every drafter that applies: prompt lookup over the context, the
-                ``references``, and the ``datastore``'s (corpus, past outputs, token
-                recycling); [] turns speculation off.
+                ``references``, past outputs (suffix tree) and token recycling, kept per
+                model in this process or, with a ``datastore``, in it, plus its corpus;
+                [] turns speculation off.
     datastore:  a ``retrieval.Datastore``; opened writable, it keeps what this call learned.
     references: texts (tokenized with ``tokenizer``) or token-id sequences to copy from.
     do_sample:  False is greedy, token for token equal to ``model.generate(do_sample=False)``;
@@ -155,7 +165,7 @@ def generate(
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if drafters is None:
-        drafters = _default_drafters(references, tokenizer, datastore)
+        drafters = _default_drafters(model, references, tokenizer, datastore)
     costs = CostModel.of(model) if budget is None else None
     eos = _eos_ids(model, eos_token_id)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -215,7 +225,7 @@ def generate(
         streamer.end()
     stats.new_tokens = length - prompt_len
     if datastore is not None:
-        datastore.commit()
+        datastore.commit(tokens[prompt_len:length])
     sequences = torch.from_numpy(tokens[:length].astype(np.int64)).view(1, -1).to(input_ids.device)
     return GenerationOutput(sequences=sequences, stats=stats, spans=spans)
 

@@ -11,6 +11,7 @@ to the model's own greedy decoding (or follows its sampling distribution with --
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decode import generate, load_model  # noqa: E402
+from retrieval import Datastore, DatastoreError  # noqa: E402
 
 
 def chat_prompt(tokenizer, text: str, chat: bool):
@@ -29,7 +31,7 @@ def chat_prompt(tokenizer, text: str, chat: bool):
     return tokenizer(text, return_tensors="pt")["input_ids"]
 
 
-def die(message: str) -> None:
+def die(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -58,13 +60,10 @@ def main(argv: list[str] | None = None) -> None:
             references.append(Path(f).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as e:
             die(f"cannot read reference {f}: {e}")
-    datastore = None
-    if args.datastore:
-        from retrieval import Datastore
-
-        datastore = Datastore.open(args.datastore)
     try:
         model, tokenizer = load_model(args.model)
+        # writable, so the datastore keeps what this call learns (past outputs, recycling)
+        datastore = Datastore.open(args.datastore, readonly=False, tokenizer=tokenizer) if args.datastore else None
         ids = chat_prompt(tokenizer, prompt, chat=not args.no_chat)
         start = time.perf_counter()
         out = generate(
@@ -73,10 +72,13 @@ def main(argv: list[str] | None = None) -> None:
             top_p=args.top_p, seed=args.seed, budget=args.budget,
         )
         seconds = time.perf_counter() - start
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, DatastoreError) as e:
         die(str(e))
     print(tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True))
     print(f"[{out.stats.new_tokens / seconds:.1f} tok/s] {out.stats.summary()}", file=sys.stderr)
+    for s in out.spans:
+        if s.length >= 4:
+            print(f"  copied {s.length} tokens from {s.document} (token {s.offset}) by {s.source}", file=sys.stderr)
 
 
 if __name__ == "__main__":
