@@ -27,18 +27,29 @@ PROMPTS = {
 }
 
 
+NEW_TOKENS = 80
+_references: dict[str, torch.Tensor] = {}
+
+
+def reference(model, tok, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt ids, model.generate's greedy sequence) for PROMPTS[name], computed once."""
+    ids = chat_ids(tok, PROMPTS[name])
+    if name not in _references:
+        _references[name] = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return ids, _references[name]
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("name", list(PROMPTS))
 def test_greedy_equals_model_generate_on_the_default_model(smollm, name):
     model, tok = smollm
-    ids = chat_ids(tok, PROMPTS[name])
+    ids, ref = reference(model, tok, name)
     if name == "long":
         assert ids.shape[1] > 1500
-    ref = model.generate(ids, max_new_tokens=80, do_sample=False)
-    out = generate(model, ids, max_new_tokens=80)
+    out = generate(model, ids, max_new_tokens=NEW_TOKENS)
     assert torch.equal(out.sequences, ref), tok.decode(out.sequences[0, ids.shape[1]:])
     if name == "eos_early":
-        assert out.sequences.shape[1] < ids.shape[1] + 80 and out.sequences[0, -1] == tok.eos_token_id
+        assert out.sequences.shape[1] < ids.shape[1] + NEW_TOKENS and out.sequences[0, -1] == tok.eos_token_id
 
 
 @pytest.mark.model

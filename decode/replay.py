@@ -1,0 +1,93 @@
+"""Replay recorded greedy traces through the drafters, without the model.
+
+A trace holds a prompt, the target's greedy output and the target's top-k ids at every
+output position. At each step the drafters propose exactly as in ``generate``; the
+accepted path is the longest tree path that matches the recorded continuation (for greedy
+decoding that is what verification would accept), plus the bonus token. Replay therefore
+predicts a real run's mean accepted tokens exactly, for any budget, in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from decode.acceptance import accept_greedy
+from decode.budget import choose_budget
+from decode.generation import MAX_NODES, _propose
+from retrieval.drafters import Drafter
+from retrieval.tree import prune
+
+
+@dataclass
+class Trace:
+    """One recorded generation: prompt and output ids, and top-k int32 [len(output), k]."""
+
+    qid: str
+    category: str
+    prompt: np.ndarray
+    output: np.ndarray
+    topk: np.ndarray
+
+
+def load_traces(path: str | Path) -> list[Trace]:
+    """Traces from a JSONL file with fields qid, cat, prompt, output, top8 (as recorded by
+    ``tools/bench.py record`` or found in ../shared/data/traces)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        out.append(Trace(str(r["qid"]), r["cat"], np.asarray(r["prompt"], np.int32),
+                         np.asarray(r["output"], np.int32), np.asarray(r["top8"], np.int32)))
+    return out
+
+
+def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
+           cost_table: np.ndarray | None = None) -> tuple[int, int]:
+    """(steps, new tokens) of greedy speculative decoding of ``trace`` with ``drafters``.
+
+    budget: fixed nodes per step, or None with ``cost_table`` (c(n), as
+    ``CostModel.table``) to choose per step like ``generate`` does. Drafters that need
+    top-k learn from the recorded top-k of the accepted rows only (the trace has no
+    top-k for rejected nodes, which a real run also feeds them).
+    """
+    if budget is None and cost_table is None:
+        raise ValueError("pass a budget, or a cost table for the automatic budget")
+    tokens = np.concatenate([trace.prompt, trace.output])
+    prompt_len, end = len(trace.prompt), len(tokens)
+    length, steps = prompt_len, 0
+    while length < end:
+        tree = _propose(drafters, tokens[:length], MAX_NODES if budget is None else budget, end - length - 1)
+        if budget is None and len(tree):
+            tree = prune(tree, choose_budget(tree.scores, cost_table))
+        truth = tokens[length:]
+        # The target's argmax at each tree row is the recorded token at that depth.
+        argmax_rows = truth[np.concatenate(([0], np.minimum(tree.depths(), len(truth) - 1)))]
+        path, _ = accept_greedy(tree, argmax_rows)
+        new = tokens[length : length + len(path) + 1]
+        rows = None
+        if any(d.needs_topk for d in drafters):
+            # rows: the root and the accepted nodes; topk[i] is what the target ranked for output[i]
+            at = np.arange(length, length + len(path) + 1) - prompt_len
+            rows = np.concatenate([tokens[length - 1 : length + len(path), None], trace.topk[at]], axis=1)
+        length += len(new)
+        steps += 1
+        for d in drafters:
+            d.observe(tokens[:length], new, rows if d.needs_topk else None)
+    return steps, end - prompt_len
+
+
+def replay_all(traces: Sequence[Trace], make_drafters: Callable[[], Sequence[Drafter]],
+               budget: int | None = None, cost_table: np.ndarray | None = None) -> dict[str, float]:
+    """Mean accepted tokens per step per category and ``overall`` (tokens / steps, pooled)."""
+    totals: dict[str, list[int]] = {}
+    for t in traces:
+        steps, new = replay(t, make_drafters(), budget, cost_table)
+        for key in (t.category, "overall"):
+            s = totals.setdefault(key, [0, 0])
+            s[0] += steps
+            s[1] += new
+    return {k: new / steps for k, (steps, new) in totals.items()}

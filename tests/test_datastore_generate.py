@@ -1,0 +1,80 @@
+"""A datastore attached to generation on the real model: exact, faster where it knows the answer, persistent."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import ROOT
+from decode import generate
+from retrieval import Datastore, PromptLookupDrafter, iter_documents
+from test_real_model import NEW_TOKENS, PROMPTS, reference
+
+KNOWN = ["code", "list", "math"]  # their answers go into the corpus
+
+
+@pytest.fixture(scope="module")
+def store(smollm, tmp_path_factory):
+    """A datastore over a few stdlib modules plus the model's own answers to KNOWN prompts."""
+    model, tok = smollm
+    corpus = tmp_path_factory.mktemp("corpus")
+    import json.decoder
+    import textwrap as tw
+
+    for mod in (json.decoder, tw):
+        (corpus / (mod.__name__ + ".py")).write_text(open(mod.__file__).read())
+    for name in KNOWN:
+        ids, ref = reference(model, tok, name)
+        (corpus / f"answer_{name}.txt").write_text(tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True))
+    path = tmp_path_factory.mktemp("stores") / "test.rdstore"
+    Datastore.build(path, iter_documents(corpus), tok, progress=False).close()
+    ds = Datastore.open(path, readonly=False, tokenizer=tok)
+    yield ds
+    ds.close()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_greedy_with_a_datastore_equals_model_generate(smollm, store, name):
+    model, tok = smollm
+    ids, ref = reference(model, tok, name)
+    out = generate(model, ids, max_new_tokens=NEW_TOKENS, datastore=store)
+    assert torch.equal(out.sequences, ref)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", KNOWN)
+def test_a_datastore_that_holds_the_answer_raises_acceptance_and_cites_it(smollm, store, name):
+    model, tok = smollm
+    ids, ref = reference(model, tok, name)
+    # explicit drafters: the process-wide output tree has seen these answers in earlier tests
+    corpus = [d for d in store.drafters(model.config.vocab_size) if d.name == "corpus"]
+    plain = generate(model, ids, max_new_tokens=NEW_TOKENS, drafters=[PromptLookupDrafter()], budget=16)
+    with_store = generate(model, ids, max_new_tokens=NEW_TOKENS, drafters=[PromptLookupDrafter(), *corpus], budget=16)
+    assert torch.equal(with_store.sequences, ref) and torch.equal(plain.sequences, ref)
+    assert with_store.stats.mean_accepted > plain.stats.mean_accepted
+    assert with_store.stats.accepted_per_drafter["corpus"] > 0
+    assert any(s.source == "corpus" and s.document.endswith(f"answer_{name}.txt") and s.length >= 8
+               for s in with_store.spans)
+
+
+@pytest.mark.model
+def test_online_state_written_by_one_process_is_there_after_restart(smollm, store):
+    model, tok = smollm
+    ids, ref = reference(model, tok, "repeat_text")
+    generate(model, ids, max_new_tokens=24, datastore=store)
+    saved = store.load_state("online")
+    assert saved is not None and len(saved["outputs"]) >= 24
+    assert (saved["recycling"] >= 0).any()
+    child = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(ROOT)!r})
+        from retrieval import Datastore
+        ds = Datastore.open({str(store.path)!r})
+        state = ds.online(49152)
+        print(len(state.output_tree), int((state.recycling.state()["rows"] >= 0).sum()))
+    """)
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) == int(saved["lengths"].sum())
+    assert int(out[1]) == int((saved["recycling"] >= 0).sum())
