@@ -4,7 +4,8 @@ usage: python tools/bench.py [--questions FILE] [--categories a,b] [--limit N] [
                              [--warmup N] [--model DIR] [--datastore DIR] [--out RESULTS.json]
 
 Methods: vanilla `model.generate`, transformers' prompt lookup (prompt_lookup_num_tokens=10),
-and retrodraft (`decode.generate`, automatic budget). For every method and category it
+retrodraft (`decode.generate`, automatic budget) and, with --datastore, retrodraft_datastore
+(the same with the datastore attached, opened read-only: what it learns stays in memory). For every method and category it
 prints tokens/s, speedup (mean per-question tok/s of the method / that of vanilla), mean
 accepted tokens per verification step (new tokens / target forwards, the same count for every
 method) and whether every output is identical to vanilla's. The 8 MT-bench categories form
@@ -68,8 +69,9 @@ def run_method(name: str, model, ids: torch.Tensor, max_new_tokens: int, counter
     """(new token ids, seconds, verification steps) for one method on one prompt."""
     start_calls = counter.calls
     t = time.perf_counter()
-    if name == "retrodraft":
-        out = generate(model, ids, max_new_tokens=max_new_tokens, datastore=datastore)
+    if name.startswith("retrodraft"):
+        out = generate(model, ids, max_new_tokens=max_new_tokens,
+                       datastore=datastore if name == "retrodraft_datastore" else None)
         seconds = time.perf_counter() - t
         return out.sequences[0, ids.shape[1]:].tolist(), seconds, out.stats.steps
     extra = {"prompt_lookup_num_tokens": 10} if name == "prompt_lookup" else {}
@@ -100,11 +102,11 @@ def summarize(records: list[dict], methods: list[str]) -> dict:
 def print_table(result: dict) -> None:
     methods = list(result)
     groups = list(result[methods[0]])
-    print(f"\n{'method':<15}{'group':<16}{'tok/s':>8}{'speedup':>9}{'accepted':>10}{'identical':>11}")
+    print(f"\n{'method':<22}{'group':<16}{'tok/s':>8}{'speedup':>9}{'accepted':>10}{'identical':>11}")
     for m in methods:
         for g in groups:
             r = result[m][g]
-            print(f"{m:<15}{g:<16}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x{r['mean_accepted']:>10.2f}"
+            print(f"{m:<22}{g:<16}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x{r['mean_accepted']:>10.2f}"
                   f"{str(r['identical']):>11}")
 
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
 
         datastore = Datastore.open(args.datastore, tokenizer=tok)
     counter = ForwardCounter(model)
-    methods = ["vanilla", "prompt_lookup", "retrodraft"]
+    methods = ["vanilla", "prompt_lookup", "retrodraft"] + (["retrodraft_datastore"] if datastore else [])
     print(f"{len(questions)} questions, {torch.get_num_threads()} threads, max_new_tokens={args.max_new_tokens}")
 
     CostModel.of(model).warm()  # measured once per machine and cached: keep it out of the timings

@@ -1,0 +1,67 @@
+"""Per-step overhead of the generation loop outside the model: everything but the forward and the LM head.
+
+usage: python tools/overhead.py [--model DIR] [--max-new-tokens N]
+
+Times every base-model forward and LM-head call inside `decode.generate` and reports the
+rest of each step (drafting, fusion, budget choice, mask building, acceptance, cache
+compaction, bookkeeping) as a share of one forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from decode import generate, load_model  # noqa: E402
+from decode.budget import CostModel  # noqa: E402
+from tools.demo import BUILT_IN_PROMPT  # noqa: E402
+from tools.generate import chat_prompt  # noqa: E402
+
+
+def timed(module, log: list[float]) -> None:
+    """Record the wall time of every call of ``module`` into ``log``."""
+    forward = module.forward
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        out = forward(*args, **kwargs)
+        log.append(time.perf_counter() - t)
+        return out
+
+    module.forward = wrapper
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="local HF model directory (default SmolLM2-135M-Instruct)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    args = ap.parse_args(argv)
+    model, tok = load_model(args.model)
+    CostModel.of(model).warm()
+    ids = chat_prompt(tok, BUILT_IN_PROMPT, chat=True)
+    generate(model, ids, max_new_tokens=8)
+    base_log: list[float] = []
+    head_log: list[float] = []
+    timed(model.base_model, base_log)
+    timed(model.get_output_embeddings(), head_log)
+    for label, kwargs in (("no speculation", {"drafters": []}), ("all drafters", {})):
+        base_log.clear()
+        head_log.clear()
+        t = time.perf_counter()
+        out = generate(model, ids, max_new_tokens=args.max_new_tokens, **kwargs)
+        total = time.perf_counter() - t
+        steps = out.stats.steps
+        model_time = sum(base_log[1:]) + sum(head_log)  # base_log[0] is the prompt prefill
+        overhead = (total - base_log[0] - model_time) / steps
+        forward = model_time / steps
+        print(f"{label:15s} {steps} steps, {out.stats.mean_accepted:.2f} tokens/step: forward + head "
+              f"{forward * 1000:.1f} ms/step, loop overhead {overhead * 1000:.2f} ms/step "
+              f"= {overhead / forward * 100:.1f}% of a forward")
+
+
+if __name__ == "__main__":
+    main()
