@@ -16,6 +16,7 @@ from decode.acceptance import accept_greedy, accept_sampling
 from decode.budget import CostModel, choose_budget
 from decode.tree_attention import compact_cache, tree_inputs
 from retrieval.drafters import Drafter, PromptLookupDrafter, ReferenceDrafter, as_token_array
+from retrieval.calibration import Calibrator
 from retrieval.online import OnlineState
 from retrieval.tree import DraftTree, fuse, prune
 
@@ -104,7 +105,8 @@ def _check_inputs(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
 _process_state: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> OnlineState
 
 
-def _default_drafters(model, references, tokenizer, datastore) -> list[Drafter]:
+def _default_drafters(model, references, tokenizer, datastore) -> tuple[list[Drafter], Calibrator]:
+    """Every drafter that applies, and the calibrator of the online state they share."""
     drafters: list[Drafter] = [PromptLookupDrafter()]
     if references:
         docs, names = [], []
@@ -118,11 +120,11 @@ def _default_drafters(model, references, tokenizer, datastore) -> list[Drafter]:
         drafters.append(ReferenceDrafter(docs, names))
     if datastore is not None:
         drafters.extend(datastore.drafters(model.config.vocab_size))
-    else:
-        if model not in _process_state:
-            _process_state[model] = OnlineState(model.config.vocab_size)
-        drafters.extend(_process_state[model].drafters())
-    return drafters
+        return drafters, datastore.online(model.config.vocab_size).calibrator
+    if model not in _process_state:
+        _process_state[model] = OnlineState(model.config.vocab_size)
+    drafters.extend(_process_state[model].drafters())
+    return drafters, _process_state[model].calibrator
 
 
 @torch.inference_mode()
@@ -164,8 +166,9 @@ def generate(
     _check_inputs(model, input_ids, max_new_tokens)
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    calibrator = None  # explicit drafters keep their own scores
     if drafters is None:
-        drafters = _default_drafters(model, references, tokenizer, datastore)
+        drafters, calibrator = _default_drafters(model, references, tokenizer, datastore)
     costs = CostModel.of(model) if budget is None else None
     eos = _eos_ids(model, eos_token_id)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -188,7 +191,8 @@ def generate(
     length, done = prompt_len, False
     while not done:
         t0 = time.perf_counter()
-        tree = _propose(drafters, tokens[:length], MAX_NODES if budget is None else budget, max_depth=end - length - 1)
+        tree, proposed = _propose(drafters, tokens[:length], MAX_NODES if budget is None else budget,
+                                  max_depth=end - length - 1, calibrator=calibrator)
         if costs is not None and len(tree):
             tree = prune(tree, choose_budget(tree.scores, costs.table(length)))
         t1 = time.perf_counter()
@@ -217,6 +221,9 @@ def generate(
         stats.draft_seconds += t1 - t0
         stats.verify_seconds += t2 - t1
         rows = _topk_rows(ids, logits) if want_topk else None
+        if calibrator is not None:
+            for d, t in zip(drafters, proposed):
+                calibrator.observe(t, d.name, np.asarray(new, np.int32))
         for d in drafters:
             d.observe(tokens[:length], np.asarray(new, np.int32), rows if d.needs_topk else None)
         if streamer is not None:
@@ -230,20 +237,27 @@ def generate(
     return GenerationOutput(sequences=sequences, stats=stats, spans=spans)
 
 
-def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int, max_depth: int) -> DraftTree:
-    """Every drafter's tree, stamped with its source bit and origin tag, fused and cut to
-    ``budget`` nodes and ``max_depth`` levels."""
+def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int, max_depth: int,
+             calibrator: Calibrator | None = None) -> tuple[DraftTree, list[DraftTree]]:
+    """Every drafter's tree, calibrated, stamped with its source bit and origin tag, fused
+    and cut to ``budget`` nodes and ``max_depth`` levels; and the trees as proposed (raw
+    scores), for the calibrator to learn from."""
     if budget <= 0 or max_depth <= 0 or not drafters:
-        return DraftTree.empty()
-    trees = []
+        return DraftTree.empty(), []
+    proposed, trees = [], []
     for k, d in enumerate(drafters):
         t = d.propose(context, budget)
+        proposed.append(t)
+        if calibrator is not None:
+            t = calibrator.calibrate(t, d.name)
         origins = np.where(t.origins >= 0, t.origins | (k << ORIGIN_BITS), -1)
         trees.append(dataclasses.replace(t, sources=np.full(len(t), 1 << k, np.uint8), origins=origins))
     tree = fuse(trees, budget)
     depths = tree.depths()
     # Accepted drafts + the bonus token must fit in what is left of max_new_tokens.
-    return tree if depths.max(initial=0) <= max_depth else tree.subset(np.flatnonzero(depths <= max_depth))
+    if depths.max(initial=0) > max_depth:
+        tree = tree.subset(np.flatnonzero(depths <= max_depth))
+    return tree, proposed
 
 
 def _topk_rows(ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray:

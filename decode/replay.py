@@ -19,6 +19,7 @@ import numpy as np
 from decode.acceptance import accept_greedy
 from decode.budget import choose_budget
 from decode.generation import MAX_NODES, _propose
+from retrieval.calibration import Calibrator
 from retrieval.drafters import Drafter
 from retrieval.tree import prune
 
@@ -46,11 +47,14 @@ def load_traces(path: str | Path) -> list[Trace]:
 
 
 def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
-           cost_table: np.ndarray | None = None) -> tuple[int, int]:
-    """(steps, new tokens) of greedy speculative decoding of ``trace`` with ``drafters``.
+           cost_table: np.ndarray | None = None, calibrator: Calibrator | None = None) -> tuple[int, int, float]:
+    """(steps, new tokens, verification cost) of greedy speculative decoding of ``trace``.
 
     budget: fixed nodes per step, or None with ``cost_table`` (c(n), as
-    ``CostModel.table``) to choose per step like ``generate`` does. Drafters that need
+    ``CostModel.table``) to choose per step like ``generate`` does. The cost is the sum of
+    c(n) over steps when a cost table is given (else 0); new tokens / cost is the speedup
+    the table predicts, loop overhead aside. ``calibrator`` calibrates and learns as in
+    ``generate`` with its default drafters. Drafters that need
     top-k learn from the recorded top-k of the accepted rows only (the trace has no
     top-k for rejected nodes, which a real run also feeds them).
     """
@@ -58,16 +62,19 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
         raise ValueError("pass a budget, or a cost table for the automatic budget")
     tokens = np.concatenate([trace.prompt, trace.output])
     prompt_len, end = len(trace.prompt), len(tokens)
-    length, steps = prompt_len, 0
+    length, steps, cost = prompt_len, 0, 0.0
     while length < end:
-        tree = _propose(drafters, tokens[:length], MAX_NODES if budget is None else budget, end - length - 1)
+        tree, proposed = _propose(drafters, tokens[:length], MAX_NODES if budget is None else budget,
+                                  end - length - 1, calibrator)
         if budget is None and len(tree):
             tree = prune(tree, choose_budget(tree.scores, cost_table))
+        if cost_table is not None:
+            cost += float(cost_table[min(len(tree), len(cost_table) - 1)])
         truth = tokens[length:]
         # The target's argmax at each tree row is the recorded token at that depth.
         argmax_rows = truth[np.concatenate(([0], np.minimum(tree.depths(), len(truth) - 1)))]
         path, _ = accept_greedy(tree, argmax_rows)
-        new = tokens[length : length + len(path) + 1]
+        new = tokens[length : length + len(path) + 1]  # int32, like generate's emitted tokens
         rows = None
         if any(d.needs_topk for d in drafters):
             # rows: the root and the accepted nodes; topk[i] is what the target ranked for output[i]
@@ -75,19 +82,24 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
             rows = np.concatenate([tokens[length - 1 : length + len(path), None], trace.topk[at]], axis=1)
         length += len(new)
         steps += 1
-        for d in drafters:
+        for d, t in zip(drafters, proposed):
             d.observe(tokens[:length], new, rows if d.needs_topk else None)
-    return steps, end - prompt_len
+            if calibrator is not None:
+                calibrator.observe(t, d.name, new)
+    return steps, end - prompt_len, cost
 
 
 def replay_all(traces: Sequence[Trace], make_drafters: Callable[[], Sequence[Drafter]],
-               budget: int | None = None, cost_table: np.ndarray | None = None) -> dict[str, float]:
-    """Mean accepted tokens per step per category and ``overall`` (tokens / steps, pooled)."""
-    totals: dict[str, list[int]] = {}
+               budget: int | None = None, cost_table: np.ndarray | None = None,
+               calibrator: Calibrator | None = None) -> dict[str, tuple[float, float]]:
+    """Per category and ``overall``: (mean accepted tokens per step, predicted speedup =
+    tokens / summed cost, or 0 without a cost table), pooled over traces."""
+    totals: dict[str, list[float]] = {}
     for t in traces:
-        steps, new = replay(t, make_drafters(), budget, cost_table)
+        steps, new, cost = replay(t, make_drafters(), budget, cost_table, calibrator)
         for key in (t.category, "overall"):
-            s = totals.setdefault(key, [0, 0])
+            s = totals.setdefault(key, [0, 0, 0.0])
             s[0] += steps
             s[1] += new
-    return {k: new / steps for k, (steps, new) in totals.items()}
+            s[2] += cost
+    return {k: (new / steps, new / cost if cost else 0.0) for k, (steps, new, cost) in totals.items()}

@@ -6,6 +6,7 @@ import numpy as np
 
 from index.recycling import TokenRecycling
 from index.suffix_tree import SuffixTree
+from retrieval.calibration import Calibrator
 from retrieval.drafters import Drafter, RecyclingDrafter, SuffixDrafter
 
 OUTPUT_TOKENS = 1 << 18  # past-output tokens kept (oldest evicted): ~250 MB of tree at depth 32
@@ -13,11 +14,14 @@ OUTPUT_DEPTH = 32
 
 
 class OnlineState:
-    """A suffix tree over past outputs and the token-recycling matrix, shared by the calls
-    of one process (in memory) or of one datastore (persisted by it)."""
+    """A suffix tree over past outputs, the token-recycling matrix and the score
+    calibration, shared by the calls of one process (in memory) or of one datastore
+    (persisted by it)."""
 
     def __init__(self, vocab_size: int, max_tokens: int = OUTPUT_TOKENS, max_depth: int = OUTPUT_DEPTH,
-                 outputs: list[np.ndarray] | None = None, recycling_rows: np.ndarray | None = None):
+                 outputs: list[np.ndarray] | None = None, recycling_rows: np.ndarray | None = None,
+                 calibration: dict[str, np.ndarray] | None = None):
+        self.calibrator = Calibrator.from_state(calibration) if calibration else Calibrator()
         self.output_tree = SuffixTree(max_depth=max_depth, max_tokens=max_tokens)
         for seq in outputs or ():
             self.output_tree.add_sequence(seq)

@@ -58,7 +58,7 @@ from retrieval.drafters import CorpusDrafter, Drafter, join_documents
 from retrieval.online import OnlineState
 
 FORMAT_VERSION = 1
-ONLINE_STATE = "online"  # state name of what generation learns: outputs, lengths, recycling
+ONLINE_STATE = "online"  # what generation learns: outputs, lengths, recycling, calibration_*
 # Address space reserved for meta.lmdb (the file grows only as written). Every opener uses
 # the same value, so a reader never meets a map grown by a writer (MDB_MAP_RESIZED).
 _MAP_SIZE = 1 << 36
@@ -363,10 +363,11 @@ class Datastore:
                 bounds = np.concatenate(([0], np.cumsum(saved["lengths"])))
                 outputs = [saved["outputs"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
             rows = saved.get("recycling")
+            calibration = {k[len("calibration_"):]: v for k, v in saved.items() if k.startswith("calibration_")}
             if rows is not None and rows.shape[0] != vocab_size:
                 raise ValueError(f"the datastore's recycling matrix has {rows.shape[0]} rows, the model's "
                                  f"vocabulary {vocab_size}: was it built for another model?")
-            self._online = OnlineState(vocab_size, outputs=outputs, recycling_rows=rows)
+            self._online = OnlineState(vocab_size, outputs=outputs, recycling_rows=rows, calibration=calibration)
             self._outputs = outputs
         return self._online
 
@@ -380,7 +381,8 @@ class Datastore:
         return [CorpusDrafter(self.tokens, self.suffix_array, locate), *self.online(vocab_size).drafters()]
 
     def commit(self, output: np.ndarray) -> None:
-        """Persist one call's output and the recycling matrix, in one write transaction.
+        """Persist one call's output, the recycling matrix and the score calibration, in one
+        write transaction.
 
         Keeps the newest outputs within the suffix tree's token budget. Does nothing on a
         read-only datastore (what was learned then lives only in this process).
@@ -396,6 +398,7 @@ class Datastore:
             "outputs": np.concatenate(self._outputs) if self._outputs else np.empty(0, np.int32),
             "lengths": lengths,
             "recycling": self._online.recycling.state()["rows"],
+            **{f"calibration_{k}": v for k, v in self._online.calibrator.state().items()},
         })
 
     # ---- lifetime --------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def test_replay_equals_a_real_run(smollm, traces, budget):
         out = generate(model, ids, max_new_tokens=len(t.output), drafters=drafters(real_tree), budget=budget,
                        eos_token_id=[])
         assert out.sequences[0, len(t.prompt):].tolist() == t.output.tolist()
-        steps, new = replay(t, drafters(replay_tree), budget=budget)
+        steps, new, _ = replay(t, drafters(replay_tree), budget=budget)
         assert (steps, new) == (out.stats.steps, out.stats.new_tokens)
 
 
@@ -38,7 +38,7 @@ def test_replay_reports_every_category_and_beats_one_token_per_step(traces):
     tree = SuffixTree(max_depth=32)
     result = replay_all(traces, lambda: drafters(tree), budget=16)
     assert set(result) == {t.category for t in traces} | {"overall"}
-    assert result["overall"] > 1.5
+    assert result["overall"][0] > 1.5
 
 
 def test_replay_needs_a_budget_or_a_cost_table(traces):
