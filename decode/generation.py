@@ -158,6 +158,10 @@ def generate(
     do_sample:  False is greedy, token for token equal to ``model.generate(do_sample=False)``;
                 True samples from the target's distribution after ``temperature``, ``top_k``
                 and ``top_p`` (None: not applied), exactly, whatever the drafts.
+    seed:       fixes the random stream of sampling. The distribution is exact whatever the
+                drafts, but which sample a seed gives depends on the drafts too, and the
+                default drafters learn between calls: for a repeatable sample pass the
+                same stateless ``drafters`` (or ``drafters=[]``).
     budget:     draft tree nodes verified per step. None chooses each step's size from the
                 drafts' scores and this hardware's measured cost curve c(n) (see
                 decode.budget; measured once per model and device, a few seconds, then cached).
