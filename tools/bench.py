@@ -65,12 +65,13 @@ class ForwardCounter:
         self.calls += 1
 
 
-def run_method(name: str, model, ids: torch.Tensor, max_new_tokens: int, counter: ForwardCounter, datastore):
+def run_method(name: str, model, ids: torch.Tensor, max_new_tokens: int, counter: ForwardCounter, datastore,
+               budget: int | None = None):
     """(new token ids, seconds, verification steps) for one method on one prompt."""
     start_calls = counter.calls
     t = time.perf_counter()
     if name.startswith("retrodraft"):
-        out = generate(model, ids, max_new_tokens=max_new_tokens,
+        out = generate(model, ids, max_new_tokens=max_new_tokens, budget=budget,
                        datastore=datastore if name == "retrodraft_datastore" else None)
         seconds = time.perf_counter() - t
         return out.sequences[0, ids.shape[1]:].tolist(), seconds, out.stats.steps
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=1, help="questions run first and not counted (default 1)")
     ap.add_argument("--model", default=None, help="local HF model directory (default SmolLM2-135M-Instruct)")
     ap.add_argument("--datastore", default=None, help="datastore directory for retrodraft")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="fixed draft tree size for retrodraft (default: automatic, from the cost curve)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
             rec = {"qid": q["question_id"], "group": q["group"]}
             outputs = {}
             for m in order:
-                outputs[m], seconds, steps = run_method(m, model, ids, args.max_new_tokens, counter, datastore)
+                outputs[m], seconds, steps = run_method(m, model, ids, args.max_new_tokens, counter, datastore,
+                                                        args.budget)
                 rec[m] = {"tokens": len(outputs[m]), "seconds": seconds, "steps": steps}
             for m in methods:
                 rec[m]["identical"] = outputs[m] == outputs["vanilla"]
