@@ -15,7 +15,7 @@ from index.lookup import suffix_occurrences
 from index.recycling import TokenRecycling
 from index.suffix_tree import SuffixTree
 from index.trie import build_trie
-from retrieval.tree import DraftTree, fuse, prune
+from retrieval.tree import DraftTree, depths_of, fuse, prune
 
 
 class Drafter(Protocol):
@@ -57,17 +57,9 @@ def join_documents(docs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return stream, starts
 
 
-def _depths(parents: np.ndarray) -> np.ndarray:
-    depth = np.ones(parents.shape[0], np.int32)
-    for i, p in enumerate(parents.tolist()):
-        if p >= 0:
-            depth[i] = depth[p] + 1
-    return depth
-
-
 def _prior(scores: np.ndarray, parents: np.ndarray, first: float, decay: float) -> np.ndarray:
     """Count-ratio scores times the acceptance prior ``first * decay ** (depth - 1)``."""
-    return (scores * first * decay ** (_depths(parents) - 1)).astype(np.float32)
+    return (scores * first * decay ** (depths_of(parents) - 1)).astype(np.float32)
 
 
 def _table(values: Sequence[float], n: int) -> float:

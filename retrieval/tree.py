@@ -13,6 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def depths_of(parents: np.ndarray) -> np.ndarray:
+    """int32[n] node depths (1 = child of the root) from topologically ordered parents."""
+    d = np.ones(parents.shape[0], np.int32)
+    for i, p in enumerate(parents.tolist()):
+        if p >= 0:
+            d[i] = d[p] + 1
+    return d
+
+
 @dataclass(frozen=True)
 class DraftTree:
     """Draft tokens as a tree in flat arrays (all of length n).
@@ -102,10 +111,7 @@ class DraftTree:
 
     def depths(self) -> np.ndarray:
         """int32[n]: 1 for children of the root, parent's depth + 1 below."""
-        d = np.zeros(len(self), np.int32)
-        for i, p in enumerate(self.parents.tolist()):
-            d[i] = 1 if p < 0 else d[p] + 1
-        return d
+        return depths_of(self.parents)
 
     def path(self, i: int) -> np.ndarray:
         """Node indices from the root's child down to node ``i`` (inclusive)."""
