@@ -94,17 +94,25 @@ def _rehash(nodes, hw, table):
 
 
 @numba.njit(cache=True)
+def _take(meta, free, hw, rows, next_col):
+    """A row of ``rows``: the head of its free list (``meta[free]``, chained through column
+    ``next_col``) if any, else the next never-used row (``meta[hw]``)."""
+    i = meta[free]
+    if i != -1:
+        meta[free] = rows[i, next_col]
+    else:
+        i = meta[hw]
+        meta[hw] += 1
+    return i
+
+
+@numba.njit(cache=True)
 def _child(nodes, table, meta, parent, token):
     """The child of ``parent`` for ``token``, created with count 0 if missing."""
     c = _find(nodes, table, parent, token)
     if c != -1:
         return c
-    c = meta[M_NODE_FREE]
-    if c != -1:
-        meta[M_NODE_FREE] = nodes[c, NEXT]
-    else:
-        c = meta[M_NODE_HW]
-        meta[M_NODE_HW] += 1
+    c = _take(meta, M_NODE_FREE, M_NODE_HW, nodes, NEXT)
     meta[M_NODE_LIVE] += 1
     first = nodes[parent, CHILD]
     nodes[c, TOK] = token
@@ -152,12 +160,7 @@ def _append(nodes, table, entries, seqs, meta, s, tokens):
             return k
         if nodes[ROOT, CNT] >= entries.shape[0]:
             return k
-        e = meta[M_ENTRY_FREE]
-        if e != -1:
-            meta[M_ENTRY_FREE] = entries[e, E_NEXT]
-        else:
-            e = meta[M_ENTRY_HW]
-            meta[M_ENTRY_HW] += 1
+        e = _take(meta, M_ENTRY_FREE, M_ENTRY_HW, entries, E_NEXT)
         entries[e, E_NODE] = ROOT
         entries[e, E_NEXT] = -1
         if seqs[s, S_TAIL] == -1:
