@@ -195,10 +195,8 @@ def generate(
     length, done = prompt_len, False
     while not done:
         t0 = time.perf_counter()
-        tree, proposed = _propose(drafters, tokens[:length], MAX_NODES if budget is None else budget,
-                                  max_depth=end - length - 1, calibrator=calibrator)
-        if costs is not None and len(tree):
-            tree = prune(tree, choose_budget(tree.scores, costs.table(length)))
+        tree, proposed = _propose(drafters, tokens[:length], budget, end - length - 1, calibrator,
+                                  costs.table(length) if costs is not None else None)
         t1 = time.perf_counter()
 
         past = length - 1
@@ -224,12 +222,8 @@ def generate(
         stats.steps += 1
         stats.draft_seconds += t1 - t0
         stats.verify_seconds += t2 - t1
-        rows = _topk_rows(ids, logits) if want_topk else None
-        if calibrator is not None:
-            for d, t in zip(drafters, proposed):
-                calibrator.observe(t, d.name, np.asarray(new, np.int32))
-        for d in drafters:
-            d.observe(tokens[:length], np.asarray(new, np.int32), rows if d.needs_topk else None)
+        _learn(drafters, proposed, tokens[:length], len(new), _topk_rows(ids, logits) if want_topk else None,
+               calibrator)
         if streamer is not None:
             streamer.put(torch.tensor(new))
     if streamer is not None:
@@ -241,27 +235,47 @@ def generate(
     return GenerationOutput(sequences=sequences, stats=stats, spans=spans)
 
 
-def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int, max_depth: int,
-             calibrator: Calibrator | None = None) -> tuple[DraftTree, list[DraftTree]]:
-    """Every drafter's tree, calibrated, stamped with its source bit and origin tag, fused
-    and cut to ``budget`` nodes and ``max_depth`` levels; and the trees as proposed (raw
-    scores), for the calibrator to learn from."""
-    if budget <= 0 or max_depth <= 0 or not drafters:
+def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int | None, max_depth: int,
+             calibrator: Calibrator | None = None,
+             cost_table: np.ndarray | None = None) -> tuple[DraftTree, list[DraftTree]]:
+    """The tree to verify this step, and every drafter's tree as proposed (raw scores, for
+    the calibrator to learn from).
+
+    Each drafter's tree is calibrated, stamped with its source bit and origin tag; the
+    trees are fused, cut to ``max_depth`` levels and to ``budget`` nodes, or, with budget
+    None, to the size ``choose_budget`` picks on ``cost_table`` from MAX_NODES candidates.
+    """
+    limit = MAX_NODES if budget is None else budget
+    if limit <= 0 or max_depth <= 0 or not drafters:
         return DraftTree.empty(), []
     proposed, trees = [], []
     for k, d in enumerate(drafters):
-        t = d.propose(context, budget)
+        t = d.propose(context, limit)
         proposed.append(t)
         if calibrator is not None:
             t = calibrator.calibrate(t, d.name)
         origins = np.where(t.origins >= 0, t.origins | (k << ORIGIN_BITS), -1)
         trees.append(dataclasses.replace(t, sources=np.full(len(t), 1 << k, np.uint8), origins=origins))
-    tree = fuse(trees, budget)
+    tree = fuse(trees, limit)
     depths = tree.depths()
     # Accepted drafts + the bonus token must fit in what is left of max_new_tokens.
     if depths.max(initial=0) > max_depth:
         tree = tree.subset(np.flatnonzero(depths <= max_depth))
+    if budget is None and len(tree):
+        tree = prune(tree, choose_budget(tree.scores, cost_table))
     return tree, proposed
+
+
+def _learn(drafters: Sequence[Drafter], proposed: list[DraftTree], context: np.ndarray, emitted: int,
+           rows: np.ndarray | None, calibrator: Calibrator | None) -> None:
+    """After a step: drafters observe the context (whose last ``emitted`` tokens are new) and
+    the verified rows they asked for; the calibrator scores what each had proposed."""
+    new = context[context.shape[0] - emitted:]
+    for d in drafters:
+        d.observe(context, new, rows if d.needs_topk else None)
+    if calibrator is not None:
+        for d, t in zip(drafters, proposed):
+            calibrator.observe(t, d.name, new)
 
 
 def _topk_rows(ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray:

@@ -17,11 +17,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from decode.acceptance import accept_greedy
-from decode.budget import choose_budget
-from decode.generation import MAX_NODES, _propose
+from decode.generation import _learn, _propose
 from retrieval.calibration import Calibrator
 from retrieval.drafters import Drafter
-from retrieval.tree import prune
 
 
 @dataclass
@@ -64,10 +62,7 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
     prompt_len, end = len(trace.prompt), len(tokens)
     length, steps, cost = prompt_len, 0, 0.0
     while length < end:
-        tree, proposed = _propose(drafters, tokens[:length], MAX_NODES if budget is None else budget,
-                                  end - length - 1, calibrator)
-        if budget is None and len(tree):
-            tree = prune(tree, choose_budget(tree.scores, cost_table))
+        tree, proposed = _propose(drafters, tokens[:length], budget, end - length - 1, calibrator, cost_table)
         if cost_table is not None:
             cost += float(cost_table[min(len(tree), len(cost_table) - 1)])
         truth = tokens[length:]
@@ -82,10 +77,7 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
             rows = np.concatenate([tokens[length - 1 : length + len(path), None], trace.topk[at]], axis=1)
         length += len(new)
         steps += 1
-        for d, t in zip(drafters, proposed):
-            d.observe(tokens[:length], new, rows if d.needs_topk else None)
-            if calibrator is not None:
-                calibrator.observe(t, d.name, new)
+        _learn(drafters, proposed, tokens[:length], len(new), rows, calibrator)
     return steps, end - prompt_len, cost
 
 
