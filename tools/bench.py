@@ -29,6 +29,7 @@ from tqdm import tqdm  # noqa: E402
 
 from decode import generate, load_model  # noqa: E402
 from decode.budget import CostModel  # noqa: E402
+from tools.generate import chat_ids  # noqa: E402
 
 MT_BENCH = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
 DEFAULT_QUESTIONS = ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
@@ -47,11 +48,6 @@ def load_questions(path: Path, categories: set[str] | None, limit: int | None) -
             taken[q["group"]] += 1
             out.append(q)
     return out
-
-
-def chat(tokenizer, messages: list[dict]) -> torch.Tensor:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                         return_dict=True)["input_ids"]
 
 
 class ForwardCounter:
@@ -143,14 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     CostModel.of(model).warm()  # measured once per machine and cached: keep it out of the timings
     for q in questions[: args.warmup]:  # compiles kernels, uncounted
         for m in methods:
-            run_method(m, model, chat(tok, [{"role": "user", "content": q["turns"][0]}]), 16, counter, datastore)
+            run_method(m, model, chat_ids(tok, [{"role": "user", "content": q["turns"][0]}]), 16, counter, datastore)
     records = []
     for i, q in enumerate(tqdm(questions, desc="questions")):
         order = methods[i % len(methods):] + methods[: i % len(methods)]  # no method always runs first
         messages: list[dict] = []
         for turn in q["turns"][: 2 if q["group"] == "mt_bench" else 1]:
             messages.append({"role": "user", "content": turn})
-            ids = chat(tok, messages)
+            ids = chat_ids(tok, messages)
             rec = {"qid": q["question_id"], "group": q["group"]}
             outputs = {}
             for m in order:

@@ -22,12 +22,16 @@ from decode import generate, load_model  # noqa: E402
 from retrieval import Datastore, DatastoreError  # noqa: E402
 
 
+def chat_ids(tokenizer, messages: list[dict]):
+    """LongTensor [1, T]: a conversation through the chat template, ready for the reply."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True)["input_ids"]
+
+
 def chat_prompt(tokenizer, text: str, chat: bool):
     """LongTensor [1, T] for ``text``, through the chat template if the model has one."""
     if chat and tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
+        return chat_ids(tokenizer, [{"role": "user", "content": text}])
     return tokenizer(text, return_tensors="pt")["input_ids"]
 
 
