@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import DynamicCache
-
 from decode.model import cache_dir
-from decode.tree_attention import truncate_cache
+from decode.tree_attention import new_cache, packed_attention, tree_inputs, truncate_cache
+from retrieval.tree import DraftTree
 
 SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 BUCKETS = (256, 1024, 4096)
+VERIFY_PATH = 2  # bumped when the verification forward changes, so cached curves are re-measured
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _key(model, context: int) -> str:
     p = next(model.parameters())
     ident = json.dumps(
         [model.config.to_json_string(), str(p.dtype), str(p.device), _device_name(p.device),
-         torch.get_num_threads(), torch.__version__, context],
+         torch.get_num_threads(), torch.__version__, context, VERIFY_PATH],
         sort_keys=True,
     )
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
@@ -86,27 +86,33 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def measure(model, context: int, reps: int = 5) -> CostCurve:
-    """Time forwards of 1 + n tokens over a cache of ``context`` random tokens (median of reps)."""
+    """Time verification forwards of 1 + n tokens (a chain of n drafts, with its tree mask,
+    cache and attention as ``generate`` runs them) over a cache of ``context`` random tokens;
+    the median of ``reps``."""
     device = model.device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    cache = DynamicCache(config=model.config)
-    ids = torch.randint(0, vocab, (1, context), generator=gen).to(device)
-    model.base_model(input_ids=ids, past_key_values=cache, use_cache=True)
+    cache = new_cache(model, context + SIZES[-1] + 1)
     head = model.get_output_embeddings()
     seconds = []
-    for n in SIZES:
-        x = torch.randint(0, vocab, (1, n + 1), generator=gen).to(device)
-        times = []
-        for r in range(reps + 2):  # two warm-ups
-            _sync(device)
-            t = time.perf_counter()
-            h = model.base_model(input_ids=x, past_key_values=cache, use_cache=True).last_hidden_state
-            head(h).argmax(-1)
-            _sync(device)
-            times.append(time.perf_counter() - t)
-            truncate_cache(cache, context)
-        seconds.append(float(np.median(times[2:])))
+    with packed_attention(model):
+        model.base_model(input_ids=torch.randint(0, vocab, (1, context), generator=gen).to(device),
+                         past_key_values=cache, use_cache=True)
+        for n in SIZES:
+            chain = DraftTree.build(torch.randint(0, vocab, (n,), generator=gen).numpy(), np.arange(n) - 1,
+                                    np.ones(n))
+            ids, positions, mask = tree_inputs(0, chain, context, device, model.dtype)
+            times = []
+            for r in range(reps + 2):  # two warm-ups
+                _sync(device)
+                t = time.perf_counter()
+                h = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
+                                     past_key_values=cache, use_cache=True).last_hidden_state
+                head(h).argmax(-1)
+                _sync(device)
+                times.append(time.perf_counter() - t)
+                truncate_cache(cache, context)
+            seconds.append(float(np.median(times[2:])))
     return CostCurve(SIZES, tuple(s / seconds[0] for s in seconds))
 
 

@@ -1,5 +1,7 @@
 """The loop on tiny random-weight models of every supported architecture."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,8 @@ from transformers import DynamicCache
 
 from conftest import tiny_model
 from decode import generate
-from decode.tree_attention import compact_cache, tree_inputs
+from decode import tree_attention
+from decode.tree_attention import compact_cache, new_cache, packed_attention, tree_inputs
 from retrieval.tree import DraftTree
 
 REPETITIVE = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3, 7, 9, 1, 2]])
@@ -106,12 +109,14 @@ def test_streamer_sees_prompt_then_every_new_token():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_compacted_cache_equals_cache_built_from_scratch(arch):
+@pytest.mark.parametrize("buffered", [False, True])
+def test_compacted_cache_equals_cache_built_from_scratch(arch, buffered):
     model = tiny_model(arch)
     ids = REPETITIVE
     past = ids.shape[1] - 1
-    with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
+    with torch.inference_mode(), packed_attention(model):
+        # a buffer smaller than the prompt also checks that it grows
+        cache = new_cache(model, capacity=4) if buffered else DynamicCache(config=model.config)
         model.base_model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
         # root's children: 10 and 11; 11 -> 12 -> 13; 10 -> 14
         tree = DraftTree.build([10, 11, 12, 14, 13], [-1, -1, 1, 0, 2])
@@ -126,6 +131,27 @@ def test_compacted_cache_equals_cache_built_from_scratch(arch):
         assert a.keys.shape == b.keys.shape
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_attention_equals_transformers_sdpa_on_a_tree(arch, monkeypatch):
+    """Grouped query heads packed onto their key/value head: the same hidden states as
+    transformers' SDPA, which repeats the cache per head, and no fallback to it."""
+    model = tiny_model(arch)
+    tree = DraftTree.build([10, 11, 12, 14, 13], [-1, -1, 1, 0, 2])
+    past = REPETITIVE.shape[1] - 1
+    tids, pos, mask = tree_inputs(int(REPETITIVE[0, -1]), tree, past, model.device, model.dtype)
+    hidden = []
+    for packed in (False, True):
+        with torch.inference_mode(), packed_attention(model) if packed else contextlib.nullcontext():
+            cache = DynamicCache(config=model.config)
+            model.base_model(input_ids=REPETITIVE[:, :-1], past_key_values=cache, use_cache=True)
+            if packed:  # from here on, every layer must take the packed path
+                monkeypatch.setattr(tree_attention, "sdpa_attention_forward", None)
+            hidden.append(model.base_model(input_ids=tids, position_ids=pos, attention_mask=mask,
+                                           past_key_values=cache, use_cache=True).last_hidden_state)
+    assert model.config._attn_implementation == "sdpa"  # restored on leaving the block
+    torch.testing.assert_close(hidden[0], hidden[1], rtol=1e-5, atol=1e-5)
 
 
 def test_tree_mask_lets_each_node_see_only_cache_ancestors_and_itself():
