@@ -10,13 +10,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from decode.acceptance import accept_greedy, accept_sampling
 from decode.budget import CostModel, choose_budget
-from decode.tree_attention import compact_cache, tree_inputs
-from retrieval.drafters import Drafter, PromptLookupDrafter, ReferenceDrafter, as_token_array
-from retrieval.calibration import Calibrator
+from decode.tree_attention import compact_cache, new_cache, packed_attention, tree_inputs
+from retrieval.drafters import Drafter, PromptLookupDrafter, RecyclingDrafter, ReferenceDrafter, as_token_array
+from retrieval.calibration import Calibrator, verdicts
 from retrieval.online import OnlineState
 from retrieval.tree import DraftTree, fuse, prune
 
@@ -105,8 +104,19 @@ def _check_inputs(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
 _process_state: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> OnlineState
 
 
-def _default_drafters(model, references, tokenizer, datastore) -> tuple[list[Drafter], Calibrator]:
-    """Every drafter that applies, and the calibrator of the online state they share."""
+def online_state(model, datastore=None) -> OnlineState:
+    """What the default drafters of ``generate`` learn from (past outputs, the recycling
+    matrix, the score calibration): the datastore's when one is given, else this process's
+    for ``model``."""
+    if datastore is not None:
+        return datastore.online(model.config.vocab_size)
+    if model not in _process_state:
+        _process_state[model] = OnlineState(model.config.vocab_size)
+    return _process_state[model]
+
+
+def _default_drafters(model, references, tokenizer, datastore) -> list[Drafter]:
+    """Every drafter that applies."""
     drafters: list[Drafter] = [PromptLookupDrafter()]
     if references:
         docs, names = [], []
@@ -119,12 +129,8 @@ def _default_drafters(model, references, tokenizer, datastore) -> tuple[list[Dra
             names.append(f"reference {i}")
         drafters.append(ReferenceDrafter(docs, names))
     if datastore is not None:
-        drafters.extend(datastore.drafters(model.config.vocab_size))
-        return drafters, datastore.online(model.config.vocab_size).calibrator
-    if model not in _process_state:
-        _process_state[model] = OnlineState(model.config.vocab_size)
-    drafters.extend(_process_state[model].drafters())
-    return drafters, _process_state[model].calibrator
+        return drafters + datastore.drafters(model.config.vocab_size)
+    return drafters + online_state(model).drafters()
 
 
 @torch.inference_mode()
@@ -134,6 +140,7 @@ def generate(
     *,
     max_new_tokens: int,
     drafters: Sequence[Drafter] | None = None,
+    calibrator: Calibrator | None = None,
     datastore=None,
     references: Sequence[str | Sequence[int]] | None = None,
     tokenizer=None,
@@ -153,6 +160,8 @@ def generate(
                 ``references``, past outputs (suffix tree) and token recycling, kept per
                 model in this process or, with a ``datastore``, in it, plus its corpus;
                 [] turns speculation off.
+    calibrator: maps explicit ``drafters``' raw scores to acceptance rates, learning as it
+                goes (None: raw scores); the default drafters use ``online_state``'s.
     datastore:  a ``retrieval.Datastore``; opened writable, it keeps what this call learned.
     references: texts (tokenized with ``tokenizer``) or token-id sequences to copy from.
     do_sample:  False is greedy, token for token equal to ``model.generate(do_sample=False)``;
@@ -170,14 +179,14 @@ def generate(
     _check_inputs(model, input_ids, max_new_tokens)
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    calibrator = None  # explicit drafters keep their own scores
     if drafters is None:
-        drafters, calibrator = _default_drafters(model, references, tokenizer, datastore)
+        drafters = _default_drafters(model, references, tokenizer, datastore)
+        calibrator = online_state(model, datastore).calibrator
     costs = CostModel.of(model) if budget is None else None
     eos = _eos_ids(model, eos_token_id)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) if do_sample else None
     want_topk = any(d.needs_topk for d in drafters)
-    base, head = model.base_model, model.get_output_embeddings()
     stats = GenerationStats(accepted_per_drafter={d.name: 0 for d in drafters})
     spans: list[Span] = []
 
@@ -187,45 +196,34 @@ def generate(
     tokens[:prompt_len] = input_ids[0].cpu().numpy()
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    cache = DynamicCache(config=model.config)
-    # Prefill all prompt tokens but the last; the last is the root of the first step.
-    if prompt_len > 1:
-        base(input_ids=input_ids[:, :-1].to(model.device), past_key_values=cache, use_cache=True)
+    cache = new_cache(model, end + (MAX_NODES if budget is None else budget) + 1)
+    with packed_attention(model):
+        # Prefill all prompt tokens but the last; the last is the root of the first step.
+        if prompt_len > 1:
+            model.base_model(input_ids=input_ids[:, :-1].to(model.device), past_key_values=cache, use_cache=True)
+        length, done = prompt_len, False
+        while not done:
+            t0 = time.perf_counter()
+            tree, proposed = _propose(drafters, tokens[:length], budget, end - length - 1, calibrator,
+                                      costs.table(length) if costs is not None else None)
+            t1 = time.perf_counter()
+            path, bonus, rows = _verify(model, cache, tree, int(tokens[length - 1]), length - 1, sampling, want_topk)
+            t2 = time.perf_counter()
 
-    length, done = prompt_len, False
-    while not done:
-        t0 = time.perf_counter()
-        tree, proposed = _propose(drafters, tokens[:length], budget, end - length - 1, calibrator,
-                                  costs.table(length) if costs is not None else None)
-        t1 = time.perf_counter()
-
-        past = length - 1
-        ids, positions, mask = tree_inputs(int(tokens[past]), tree, past, model.device, model.dtype)
-        hidden = base(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
-                      use_cache=True).last_hidden_state[0]  # [n+1, d]
-        logits = head(hidden) if want_topk or not do_sample else None  # [n+1, vocab]
-        if do_sample:
-            path, bonus = accept_sampling(tree, lambda row: head(hidden[row]), temperature, top_k, top_p, generator)
-        else:
-            path, bonus = accept_greedy(tree, logits.argmax(-1).cpu().numpy())
-        compact_cache(cache, past, [0] + [i + 1 for i in path])
-        t2 = time.perf_counter()
-
-        new = [int(t) for t in tree.tokens[path]] + [bonus]  # <= end - length: depth < that
-        if eos & set(new):
-            new = new[: next(i for i, t in enumerate(new) if t in eos) + 1]
-            done = True
-        tokens[length : length + len(new)] = new
-        _record(stats, spans, drafters, tree, path[: len(new)], length - prompt_len)
-        length += len(new)
-        done = done or length == end
-        stats.steps += 1
-        stats.draft_seconds += t1 - t0
-        stats.verify_seconds += t2 - t1
-        _learn(drafters, proposed, tokens[:length], len(new), _topk_rows(ids, logits) if want_topk else None,
-               calibrator)
-        if streamer is not None:
-            streamer.put(torch.tensor(new))
+            new = [int(t) for t in tree.tokens[path]] + [bonus]  # <= end - length: depth < that
+            if eos & set(new):
+                new = new[: next(i for i, t in enumerate(new) if t in eos) + 1]
+                done = True
+            tokens[length : length + len(new)] = new
+            _record(stats, spans, drafters, tree, path[: len(new)], length - prompt_len)
+            length += len(new)
+            done = done or length == end
+            stats.steps += 1
+            stats.draft_seconds += t1 - t0
+            stats.verify_seconds += t2 - t1
+            _learn(drafters, proposed, tokens[:length], len(new), rows, calibrator)
+            if streamer is not None:
+                streamer.put(torch.tensor(new))
     if streamer is not None:
         streamer.end()
     stats.new_tokens = length - prompt_len
@@ -235,11 +233,40 @@ def generate(
     return GenerationOutput(sequences=sequences, stats=stats, spans=spans)
 
 
+@dataclass
+class Proposal:
+    """One drafter's tree as proposed (raw scores), the recycling matrix's verdict on its
+    nodes and the scores calibration gave them (None without a calibrator)."""
+
+    tree: DraftTree
+    verdict: np.ndarray | None
+    calibrated: np.ndarray | None
+
+
+def _verify(model, cache, tree: DraftTree, root: int, past: int, sampling: dict | None,
+            want_topk: bool) -> tuple[list[int], int, np.ndarray | None]:
+    """One forward of the target over [root + tree] after ``past`` cached tokens: the
+    accepted path (node indices), the bonus token and, if ``want_topk``, every verified
+    row's top-k (see ``_topk_rows``). The cache is compacted to the accepted path.
+    ``sampling``: accept_sampling's settings, None for greedy."""
+    ids, positions, mask = tree_inputs(root, tree, past, model.device, model.dtype)
+    hidden = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
+                              use_cache=True).last_hidden_state[0]  # [n+1, d]
+    head = model.get_output_embeddings()
+    logits = head(hidden) if want_topk or sampling is None else None  # [n+1, vocab]
+    if sampling is None:
+        path, bonus = accept_greedy(tree, logits.argmax(-1).cpu().numpy())
+    else:
+        path, bonus = accept_sampling(tree, lambda row: head(hidden[row]), **sampling)
+    compact_cache(cache, past, [0] + [i + 1 for i in path])
+    return path, bonus, _topk_rows(ids, logits) if want_topk else None
+
+
 def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int | None, max_depth: int,
              calibrator: Calibrator | None = None,
-             cost_table: np.ndarray | None = None) -> tuple[DraftTree, list[DraftTree]]:
-    """The tree to verify this step, and every drafter's tree as proposed (raw scores, for
-    the calibrator to learn from).
+             cost_table: np.ndarray | None = None) -> tuple[DraftTree, list[Proposal]]:
+    """The tree to verify this step, and every drafter's proposal, for the calibrator to
+    learn from.
 
     Each drafter's tree is calibrated, stamped with its source bit and origin tag; the
     trees are fused, cut to ``max_depth`` levels and to ``budget`` nodes, or, with budget
@@ -248,12 +275,15 @@ def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int | Non
     limit = MAX_NODES if budget is None else budget
     if limit <= 0 or max_depth <= 0 or not drafters:
         return DraftTree.empty(), []
+    recycling = next((d.matrix for d in drafters if isinstance(d, RecyclingDrafter)), None)
     proposed, trees = [], []
     for k, d in enumerate(drafters):
-        t = d.propose(context, limit)
-        proposed.append(t)
+        raw = t = d.propose(context, limit)
+        verdict = None
         if calibrator is not None:
-            t = calibrator.calibrate(t, d.name)
+            verdict = verdicts(t, int(context[-1]), recycling)
+            t = calibrator.calibrate(t, d.name, verdict)
+        proposed.append(Proposal(raw, verdict, t.scores))
         origins = np.where(t.origins >= 0, t.origins | (k << ORIGIN_BITS), -1)
         trees.append(dataclasses.replace(t, sources=np.full(len(t), 1 << k, np.uint8), origins=origins))
     tree = fuse(trees, limit)
@@ -266,16 +296,16 @@ def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int | Non
     return tree, proposed
 
 
-def _learn(drafters: Sequence[Drafter], proposed: list[DraftTree], context: np.ndarray, emitted: int,
-           rows: np.ndarray | None, calibrator: Calibrator | None) -> None:
+def _learn(drafters: Sequence[Drafter], proposed: list[Proposal], context: np.ndarray,
+           emitted: int, rows: np.ndarray | None, calibrator: Calibrator | None) -> None:
     """After a step: drafters observe the context (whose last ``emitted`` tokens are new) and
     the verified rows they asked for; the calibrator scores what each had proposed."""
     new = context[context.shape[0] - emitted:]
     for d in drafters:
         d.observe(context, new, rows if d.needs_topk else None)
     if calibrator is not None:
-        for d, t in zip(drafters, proposed):
-            calibrator.observe(t, d.name, new)
+        for d, p in zip(drafters, proposed):
+            calibrator.observe(p.tree, d.name, new, p.verdict, p.calibrated)
 
 
 def _topk_rows(ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray:

@@ -168,6 +168,14 @@ class TokenRecycling:
     def k(self) -> int:
         return int(self._rows.shape[1])
 
+    def ranks(self, after: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """int64 [n]: the column of ``tokens[i]`` in row ``after[i]`` (0: the target's top-1
+        there), ``k`` where the row lacks it, -1 where that row was never filled."""
+        rows = self._rows[after]
+        hit = rows == np.asarray(tokens)[:, None]
+        rank = np.where(hit.any(axis=1), hit.argmax(axis=1), self.k)
+        return np.where(rows[:, 0] < 0, -1, rank)
+
     def update(self, input_tokens, topk) -> None:
         """Row ``input_tokens[i]`` becomes ``topk[i]`` (best first), for i in order.
 

@@ -9,52 +9,77 @@ smoothed rate that starts at the raw score and moves to the observed one.
 Outcomes need no verification of the node: the tokens emitted in a step are the target's
 own choices, so a path of depth d is right exactly when its tokens equal the first d
 emitted ones (known for every d up to the number emitted, accepted or not).
+
+Cells are also split by a verdict of the target's own recent top-k (the token-recycling
+matrix) on each node: is the node's token what the target ranked first after the parent's
+token the last time it saw it, in its top-k, or not at all (RASD's pruning signal, with the
+recycling matrix as the cheap draft distribution). Retrieval branches the target has
+recently ranked low thus learn low scores, and the budget drops them, while the threshold
+is learned from acceptance instead of fixed.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from index.recycling import TokenRecycling
 from retrieval.tree import DraftTree
 
+VERDICTS = 4  # of the recycling matrix on a node: no row yet, top-1, in the top-k, absent
 DEPTHS = 16  # depths beyond share the last row
 BUCKETS = 20  # raw scores in [0, 1] are bucketed in steps of 0.05
+BINS = 10  # of calibrated predictions, for the reliability report
 PRIOR_WEIGHT = 8.0  # pseudo-observations at the raw score: how slowly evidence takes over
 
 
+def verdicts(tree: DraftTree, last_token: int, recycling: TokenRecycling | None) -> np.ndarray | None:
+    """int64 [n]: the recycling matrix's verdict on each node of ``tree``, drafted after
+    ``last_token`` (0: no row for the parent token yet, 1: the target's top-1 there, 2: in
+    its top-k, 3: absent); None without a matrix."""
+    if recycling is None or len(tree) == 0:
+        return None
+    after = np.where(tree.parents >= 0, tree.tokens[tree.parents], last_token)
+    rank = recycling.ranks(after, tree.tokens)
+    return np.select([rank < 0, rank == 0, rank < recycling.k], [0, 1, 2], 3)
+
+
 class Calibrator:
-    """Acceptance counts per source (drafter name), depth and raw-score bucket: float64
-    arrays [sources, DEPTHS, BUCKETS] ``seen``, ``hits`` and ``raw`` (the sum of raw scores
-    seen, so a bucket's prior is its mean raw score). ``state()``/``from_state`` persist them."""
+    """Acceptance counts per source (drafter name), verdict (see ``verdicts``), depth and
+    raw-score bucket: float64 arrays [sources, VERDICTS, DEPTHS, BUCKETS] ``seen``, ``hits``
+    and ``raw`` (the sum of raw scores seen, so a bucket's prior is its mean raw score).
+    ``state()``/``from_state`` persist them."""
 
     def __init__(self, names: tuple[str, ...] = ()):
         self.names: list[str] = []
-        self.seen = self.hits = self.raw = np.zeros((0, DEPTHS, BUCKETS))
+        self.seen = self.hits = self.raw = np.zeros((0, VERDICTS, DEPTHS, BUCKETS))
+        # per prediction bin: decided nodes, sum of their calibrated scores, accepted ones
+        self.reliability = np.zeros((BINS, 3))
         for name in names:
             self._index(name)
 
     def _index(self, name: str) -> int:
         if name not in self.names:
             self.names.append(name)
-            grow = np.zeros((1, DEPTHS, BUCKETS))
+            grow = np.zeros((1, VERDICTS, DEPTHS, BUCKETS))
             self.seen, self.hits, self.raw = (np.concatenate([a, grow]) for a in (self.seen, self.hits, self.raw))
         return self.names.index(name)
 
     @staticmethod
-    def _cells(tree: DraftTree) -> tuple[np.ndarray, np.ndarray]:
+    def _cells(tree: DraftTree, verdict: np.ndarray | None) -> tuple[np.ndarray, ...]:
         depth = np.minimum(tree.depths(), DEPTHS) - 1
         bucket = np.minimum((tree.scores * BUCKETS).astype(np.int64), BUCKETS - 1)
-        return depth, bucket
+        return (np.zeros(len(tree), np.int64) if verdict is None else verdict), depth, bucket
 
-    def calibrate(self, tree: DraftTree, name: str) -> DraftTree:
+    def calibrate(self, tree: DraftTree, name: str, verdict: np.ndarray | None = None) -> DraftTree:
         """``tree`` with scores replaced by smoothed acceptance rates; a child never scores
-        above its parent (each node takes the minimum along its path)."""
+        above its parent (each node takes the minimum along its path). ``verdict``: the
+        recycling matrix's on each node (``verdicts``), None for no opinion."""
         if len(tree) == 0:
             return tree
         source = self._index(name)
-        d, b = self._cells(tree)
-        seen, hits = self.seen[source, d, b], self.hits[source, d, b]
-        prior = np.where(seen > 0, self.raw[source, d, b] / np.maximum(seen, 1), tree.scores)
+        cell = self._cells(tree, verdict)
+        seen, hits = self.seen[source][cell], self.hits[source][cell]
+        prior = np.where(seen > 0, self.raw[source][cell] / np.maximum(seen, 1), tree.scores)
         rate = (hits + PRIOR_WEIGHT * prior) / (seen + PRIOR_WEIGHT)
         scores = rate.astype(np.float32)
         for i, p in enumerate(tree.parents.tolist()):
@@ -62,9 +87,12 @@ class Calibrator:
                 scores[i] = scores[p]
         return DraftTree(tree.tokens, tree.parents, scores, tree.sources, tree.origins)
 
-    def observe(self, tree: DraftTree, name: str, emitted: np.ndarray) -> None:
-        """Count the outcome of every node of ``tree`` (as proposed, raw scores) whose
-        outcome ``emitted`` (the tokens the step produced) decides."""
+    def observe(self, tree: DraftTree, name: str, emitted: np.ndarray, verdict: np.ndarray | None = None,
+                predicted: np.ndarray | None = None) -> None:
+        """Count the outcome of every node of ``tree`` (as proposed, raw scores, with the
+        ``verdict`` it was calibrated with) whose outcome ``emitted`` (the tokens the step
+        produced) decides. ``predicted``: the scores ``calibrate`` gave those nodes, for the
+        reliability report."""
         n = len(tree)
         if n == 0 or len(emitted) == 0:
             return
@@ -79,10 +107,23 @@ class Calibrator:
             known[i] = True
             right[i] = parent_right and tree.tokens[i] == emitted[depth[i] - 1]
         source = self._index(name)
-        d, b = self._cells(tree)
-        np.add.at(self.seen[source], (d[known], b[known]), 1.0)
-        np.add.at(self.hits[source], (d[known], b[known]), right[known].astype(np.float64))
-        np.add.at(self.raw[source], (d[known], b[known]), tree.scores[known].astype(np.float64))
+        cell = tuple(c[known] for c in self._cells(tree, verdict))
+        np.add.at(self.seen[source], cell, 1.0)
+        np.add.at(self.hits[source], cell, right[known].astype(np.float64))
+        np.add.at(self.raw[source], cell, tree.scores[known].astype(np.float64))
+        if predicted is not None:
+            p = predicted[known].astype(np.float64)
+            bins = np.minimum((p * BINS).astype(np.int64), BINS - 1)
+            np.add.at(self.reliability, bins, np.stack([np.ones_like(p), p, right[known]], axis=1))
+
+    def calibration_error(self) -> tuple[float, list[tuple[float, float, int]]]:
+        """Predicted against observed acceptance of the nodes observed with ``predicted``
+        scores: the expected calibration error (mean |predicted - observed| over prediction
+        bins, weighted by nodes) and, per non-empty bin, (mean predicted, observed rate, nodes)."""
+        n, p, hits = self.reliability.T
+        rows = [(float(p[i] / n[i]), float(hits[i] / n[i]), int(n[i])) for i in np.flatnonzero(n)]
+        total = n.sum()
+        return (float(np.abs(p - hits).sum() / total) if total else 0.0), rows
 
     def report(self) -> list[tuple[str, float, float, int]]:
         """(source name, mean raw score, observed acceptance rate, observations) per source."""
@@ -102,4 +143,6 @@ class Calibrator:
         c = cls()
         c.names = [str(n) for n in arrays["names"]]
         c.seen, c.hits, c.raw = (np.array(arrays[k], np.float64) for k in ("seen", "hits", "raw"))
+        if c.seen.ndim == 3:  # saved before verdicts: what was learned seeds every verdict
+            c.seen, c.hits, c.raw = (np.repeat(a[:, None], VERDICTS, axis=1) for a in (c.seen, c.hits, c.raw))
         return c

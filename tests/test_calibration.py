@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
-from retrieval.calibration import Calibrator
+from index.recycling import TokenRecycling
+from retrieval.calibration import Calibrator, verdicts
 from retrieval.tree import DraftTree
 
 
@@ -51,3 +53,39 @@ def test_calibrated_scores_are_probabilities_and_stay_monotone_down_a_path(event
         assert np.all((out.scores >= 0) & (out.scores <= 1))
         assert out.scores[1] <= out.scores[0]
         out.validate()
+
+
+def test_the_recycling_verdict_separates_what_the_target_ranks_first_from_what_it_never_ranked():
+    """RASD-style: the same raw score, right 80% of the time when the target's recent top-1
+    agrees and 10% when it never ranked the token, is calibrated to each rate."""
+    rng = np.random.default_rng(1)
+    cal = Calibrator()
+    top1, absent = np.array([1]), np.array([3])
+    for _ in range(2000):
+        for verdict, rate in ((top1, 0.8), (absent, 0.1)):
+            emitted = np.array([5 if rng.random() < rate else 6], np.int32)
+            cal.observe(chain([5], 0.5), "src", emitted, verdict, np.array([0.5]))
+    assert abs(float(cal.calibrate(chain([5], 0.5), "src", top1).scores[0]) - 0.8) < 0.03
+    assert abs(float(cal.calibrate(chain([5], 0.5), "src", absent).scores[0]) - 0.1) < 0.03
+    ece, bins = cal.calibration_error()
+    assert bins == [(0.5, pytest.approx(0.45, abs=0.03), 4000)] and ece == pytest.approx(0.05, abs=0.03)
+
+
+def test_verdicts_read_the_recycling_matrix_along_the_tree():
+    tr = TokenRecycling(vocab_size=10, k=2)
+    tr.update(np.array([1, 4]), np.array([[4, 5], [7, 8]]))
+    tree = DraftTree.build([4, 7, 9, 5], [-1, 0, 0, -1], [0.5, 0.4, 0.3, 0.2])
+    # after the last token 1: 4 is top-1, 5 second; after 4: 7 top-1, 9 absent
+    assert verdicts(tree, 1, tr).tolist() == [1, 1, 3, 2]
+    assert verdicts(tree, 2, tr).tolist() == [0, 1, 3, 0]  # row 2 was never filled
+    assert verdicts(tree, 1, None) is None
+
+
+def test_state_saved_before_verdicts_seeds_every_verdict():
+    cal = Calibrator()
+    for _ in range(50):
+        cal.observe(chain([5], 0.9), "src", np.array([6], np.int32))
+    old = {k: (v[:, 0] if v.ndim == 4 else v) for k, v in cal.state().items()}  # the layout without verdicts
+    again = Calibrator.from_state(old)
+    for verdict in range(4):
+        assert again.calibrate(chain([5], 0.9), "src", np.array([verdict])).scores[0] < 0.2

@@ -141,3 +141,12 @@ def test_invalid_inputs():
         TokenRecycling(10, 2, rank_decay=0.0)
     with pytest.raises(ValueError, match="vocab_size"):
         TokenRecycling(0)
+
+
+def test_ranks_place_a_token_in_the_targets_latest_top_k():
+    tr = TokenRecycling(vocab_size=10, k=3)
+    tr.update(np.array([1, 2]), np.array([[4, 5, 6], [7, 8, 9]]))
+    after = np.array([1, 1, 1, 2, 3])
+    tokens = np.array([4, 6, 9, 8, 4])
+    # top-1, third, absent from row 1; second in row 2; row 3 never filled
+    assert tr.ranks(after, tokens).tolist() == [0, 2, 3, 1, -1]
