@@ -1,15 +1,34 @@
-"""Spec-Bench speed benchmark: methods side by side, interleaved per question, greedy, batch 1.
+"""Spec-Bench: speed side by side (run), greedy traces of the target (record), and
+acceptance replayed from traces without the model (replay).
 
-usage: python tools/bench.py [--questions FILE] [--categories a,b] [--limit N] [--max-new-tokens N]
-                             [--warmup N] [--model DIR] [--datastore DIR] [--out RESULTS.json]
+usage: python tools/bench.py [run] [--questions FILE] [--categories a,b] [--limit N]
+                             [--max-new-tokens N] [--warmup N] [--model DIR] [--datastore DIR]
+                             [--budget N] [--out RESULTS.json] [--chart RESULTS.png]
+       python tools/bench.py record --out TRACES.jsonl [--questions FILE] [--categories a,b]
+                             [--limit N] [--max-new-tokens N] [--model DIR]
+       python tools/bench.py replay [TRACES.jsonl] [--budgets 8,16,32,64,auto] [--datastore DIR]
+                             [--drafters prompt_lookup,suffix,recycling,corpus]
 
-Methods: vanilla `model.generate`, transformers' prompt lookup (prompt_lookup_num_tokens=10),
-retrodraft (`decode.generate`, automatic budget) and, with --datastore, retrodraft_datastore
-(the same with the datastore attached, opened read-only: what it learns stays in memory). For every method and category it
-prints tokens/s, speedup (mean per-question tok/s of the method / that of vanilla), mean
-accepted tokens per verification step (new tokens / target forwards, the same count for every
-method) and whether every output is identical to vanilla's. The 8 MT-bench categories form
-one group, mt_bench, whose second turn includes the model's own first answer.
+run: methods interleaved per question, greedy, batch 1, the same max_new_tokens for all:
+vanilla `model.generate`, transformers' prompt lookup (prompt_lookup_num_tokens=10), each
+drafter alone (`drafter:NAME`, automatic budget, its own online state and calibration) and
+`retrodraft`, the fused engine as `decode.generate` runs it by default (with --datastore,
+over that datastore, opened read-only: what it learns stays in memory). Per method and
+category it prints tokens/s, speedup (mean per-question tok/s of the method / that of
+vanilla), mean accepted tokens per verification step (new tokens / target forwards, counted
+the same way for every method) and whether every output equals vanilla's; then the fused
+engine's calibration error (predicted against observed acceptance). The 8 MT-bench
+categories form one group, mt_bench, whose second turn includes the model's own first answer.
+
+record: runs the target once per question (turn) and writes its greedy output and its top-8
+ids at every output position, one JSON line each (qid, cat, prompt, output, top8).
+
+replay: drives each drafter alone and all of them fused over recorded traces: the accepted
+length of a step is the longest tree path matching the recorded continuation, which is what
+a real greedy run accepts. Prints mean accepted tokens per category at each budget; "auto"
+chooses each step's size with this machine's cached cost curve of the default model, with
+calibration as in generate(), and also prints the speedup that curve predicts (tokens /
+summed cost, loop overhead aside) and the calibration error.
 """
 
 from __future__ import annotations
@@ -19,20 +38,30 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from decode import generate, load_model  # noqa: E402
+from decode import generate, load_model, online_state  # noqa: E402
 from decode.budget import CostModel  # noqa: E402
+from decode.replay import load_traces, replay_all  # noqa: E402
+from retrieval.calibration import Calibrator  # noqa: E402
+from retrieval.drafters import Drafter, PromptLookupDrafter  # noqa: E402
+from retrieval.online import OnlineState  # noqa: E402
 from tools.generate import chat_ids  # noqa: E402
 
 MT_BENCH = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
-DEFAULT_QUESTIONS = ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+SHARED = ROOT.parent / "shared" / "data"
+DEFAULT_QUESTIONS = SHARED / "spec_bench" / "question.jsonl"
+DEFAULT_TRACES = SHARED / "traces" / "smollm2_specbench_dev.jsonl"
+DRAFTERS = ("prompt_lookup", "suffix", "recycling", "corpus")
+TRACE_TOPK = 8
 
 
 def load_questions(path: Path, categories: set[str] | None, limit: int | None) -> list[dict]:
@@ -50,6 +79,18 @@ def load_questions(path: Path, categories: set[str] | None, limit: int | None) -
     return out
 
 
+def turns(question: dict, tokenizer, answer: Callable[[torch.Tensor], list[int]]) -> Iterator[torch.Tensor]:
+    """The chat-templated prompt ids of each turn of ``question`` (two for mt_bench, else
+    one); after each, ``answer(ids)`` gives the target's greedy output, which the next turn
+    includes."""
+    messages: list[dict] = []
+    for turn in question["turns"][: 2 if question["group"] == "mt_bench" else 1]:
+        messages.append({"role": "user", "content": turn})
+        ids = chat_ids(tokenizer, messages)
+        yield ids
+        messages.append({"role": "assistant", "content": tokenizer.decode(answer(ids), skip_special_tokens=True)})
+
+
 class ForwardCounter:
     """Counts forward calls of a model (verification steps of transformers' own loops)."""
 
@@ -61,27 +102,50 @@ class ForwardCounter:
         self.calls += 1
 
 
-def run_method(name: str, model, ids: torch.Tensor, max_new_tokens: int, counter: ForwardCounter, datastore,
-               budget: int | None = None):
-    """(new token ids, seconds, verification steps) for one method on one prompt."""
-    start_calls = counter.calls
-    t = time.perf_counter()
-    if name.startswith("retrodraft"):
-        out = generate(model, ids, max_new_tokens=max_new_tokens, budget=budget,
-                       datastore=datastore if name == "retrodraft_datastore" else None)
-        seconds = time.perf_counter() - t
-        return out.sequences[0, ids.shape[1]:].tolist(), seconds, out.stats.steps
-    extra = {"prompt_lookup_num_tokens": 10} if name == "prompt_lookup" else {}
-    seq = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-    seconds = time.perf_counter() - t
-    return seq[0, ids.shape[1]:].tolist(), seconds, counter.calls - start_calls
+Method = Callable[[torch.Tensor, int], tuple[list[int], int]]  # (ids, max_new_tokens) -> (new ids, steps)
 
 
-def summarize(records: list[dict], methods: list[str]) -> dict:
+def methods(model, datastore, budget: int | None) -> dict[str, Method]:
+    """Every method of a run by name: vanilla, prompt_lookup, drafter:NAME per drafter, retrodraft."""
+    counter = ForwardCounter(model)
+    vocab = model.config.vocab_size
+
+    def hf(extra: dict) -> Method:
+        def run(ids, max_new_tokens):
+            start = counter.calls
+            seq = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+            return seq[0, ids.shape[1]:].tolist(), counter.calls - start
+        return run
+
+    def ours(make_drafters: Callable[[], list[Drafter]] | None, calibrator: Calibrator | None) -> Method:
+        def run(ids, max_new_tokens):
+            drafters = make_drafters() if make_drafters else None
+            out = generate(model, ids, max_new_tokens=max_new_tokens, budget=budget, drafters=drafters,
+                           calibrator=calibrator, datastore=datastore if drafters is None else None)
+            return out.sequences[0, ids.shape[1]:].tolist(), out.stats.steps
+        return run
+
+    def alone(name: str) -> Method:
+        solo = OnlineState(vocab)  # this method's own past outputs, recycling matrix and calibration
+
+        def make() -> list[Drafter]:
+            pool = [PromptLookupDrafter(), *solo.drafters(), *(datastore.drafters(vocab) if datastore else ())]
+            return [d for d in pool if d.name == name][:1]
+        return ours(make, solo.calibrator)
+
+    table = {"vanilla": hf({}), "prompt_lookup": hf({"prompt_lookup_num_tokens": 10})}
+    for name in DRAFTERS:
+        if name != "corpus" or datastore is not None:
+            table[f"drafter:{name}"] = alone(name)
+    table["retrodraft"] = ours(None, None)
+    return table
+
+
+def summarize(records: list[dict], names: list[str]) -> dict:
     """Per method, per group and overall: speedup, tokens_per_s, mean_accepted, identical."""
     result: dict[str, dict] = {}
     groups = sorted({r["group"] for r in records}) + ["overall"]
-    for m in methods:
+    for m in names:
         result[m] = {}
         for g in groups:
             rs = [r for r in records if g == "overall" or r["group"] == g]
@@ -97,71 +161,203 @@ def summarize(records: list[dict], methods: list[str]) -> dict:
 
 
 def print_table(result: dict) -> None:
-    methods = list(result)
-    groups = list(result[methods[0]])
-    print(f"\n{'method':<22}{'group':<16}{'tok/s':>8}{'speedup':>9}{'accepted':>10}{'identical':>11}")
-    for m in methods:
-        for g in groups:
-            r = result[m][g]
-            print(f"{m:<22}{g:<16}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x{r['mean_accepted']:>10.2f}"
+    print(f"\n{'method':<24}{'group':<16}{'tok/s':>8}{'speedup':>9}{'accepted':>10}{'identical':>11}")
+    for m, groups in result.items():
+        for g, r in groups.items():
+            print(f"{m:<24}{g:<16}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x{r['mean_accepted']:>10.2f}"
                   f"{str(r['identical']):>11}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS, help="Spec-Bench question.jsonl")
-    ap.add_argument("--categories", default=None, help="comma-separated groups (e.g. summarization,rag,mt_bench)")
-    ap.add_argument("--limit", type=int, default=10, help="questions per group (default 10)")
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="same for every method (default 128)")
-    ap.add_argument("--warmup", type=int, default=1, help="questions run first and not counted (default 1)")
-    ap.add_argument("--model", default=None, help="local HF model directory (default SmolLM2-135M-Instruct)")
-    ap.add_argument("--datastore", default=None, help="datastore directory for retrodraft")
-    ap.add_argument("--budget", type=int, default=None,
-                    help="fixed draft tree size for retrodraft (default: automatic, from the cost curve)")
-    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = ap.parse_args(argv)
+def print_calibration(calibrator: Calibrator) -> dict:
+    """Print and return the calibration error of ``calibrator`` (see Calibrator.calibration_error)."""
+    ece, rows = calibrator.calibration_error()
+    print(f"\ncalibration of the fused engine: expected calibration error {ece:.3f}")
+    print(f"{'predicted':>10}{'observed':>10}{'nodes':>9}")
+    for predicted, observed, n in rows:
+        print(f"{predicted:>10.3f}{observed:>10.3f}{n:>9}")
+    return {"expected_calibration_error": ece,
+            "bins": [{"predicted": p, "observed": o, "nodes": n} for p, o, n in rows]}
 
-    if not args.questions.is_file():
-        print(f"no questions at {args.questions}: pass --questions FILE (Spec-Bench format); nothing to do")
+
+def chart(result: dict, path: Path) -> None:
+    """A PNG of speedup and mean accepted tokens per method (bars) and group (x axis)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no chart: matplotlib is missing (pip install -e '.[bench]'); {path} not written")
         return
-    categories = set(args.categories.split(",")) if args.categories else None
-    questions = load_questions(args.questions, categories, args.limit)
-    model, tok = load_model(args.model)
-    datastore = None
-    if args.datastore:
-        from retrieval import Datastore
+    names = list(result)
+    groups = list(result[names[0]])
+    x = np.arange(len(groups))
+    width = 0.8 / len(names)
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(groups)), 8), sharex=True)
+    for ax, key, label in ((axes[0], "speedup", "speedup over model.generate"),
+                           (axes[1], "mean_accepted", "mean accepted tokens per step")):
+        for i, m in enumerate(names):
+            ax.bar(x + (i - (len(names) - 1) / 2) * width, [result[m][g][key] for g in groups], width, label=m)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_ylabel(label)
+    axes[0].legend(ncol=min(4, len(names)), fontsize=8)
+    axes[1].set_xticks(x, groups)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
-        datastore = Datastore.open(args.datastore, tokenizer=tok)
-    counter = ForwardCounter(model)
-    methods = ["vanilla", "prompt_lookup", "retrodraft"] + (["retrodraft_datastore"] if datastore else [])
-    print(f"{len(questions)} questions, {torch.get_num_threads()} threads, max_new_tokens={args.max_new_tokens}")
+
+def open_datastore(path: str | None, tokenizer=None):
+    if not path:
+        return None
+    from retrieval import Datastore
+
+    return Datastore.open(path, tokenizer=tokenizer)
+
+
+def run(args) -> None:
+    questions = load_questions(args.questions, args.categories, args.limit)
+    model, tok = load_model(args.model)
+    datastore = open_datastore(args.datastore, tok)
+    table = methods(model, datastore, args.budget)
+    names = list(table)
+    print(f"{len(questions)} questions, {torch.get_num_threads()} threads, max_new_tokens={args.max_new_tokens}; "
+          f"methods: {', '.join(names)}")
 
     CostModel.of(model).warm()  # measured once per machine and cached: keep it out of the timings
     for q in questions[: args.warmup]:  # compiles kernels, uncounted
-        for m in methods:
-            run_method(m, model, chat_ids(tok, [{"role": "user", "content": q["turns"][0]}]), 16, counter, datastore)
+        for method in table.values():
+            method(chat_ids(tok, [{"role": "user", "content": q["turns"][0]}]), 16)
     records = []
     for i, q in enumerate(tqdm(questions, desc="questions")):
-        order = methods[i % len(methods):] + methods[: i % len(methods)]  # no method always runs first
-        messages: list[dict] = []
-        for turn in q["turns"][: 2 if q["group"] == "mt_bench" else 1]:
-            messages.append({"role": "user", "content": turn})
-            ids = chat_ids(tok, messages)
+        order = names[i % len(names):] + names[: i % len(names)]  # no method always runs first
+        outputs: dict[str, list[int]] = {}
+        for ids in turns(q, tok, lambda ids: outputs["vanilla"]):
             rec = {"qid": q["question_id"], "group": q["group"]}
-            outputs = {}
             for m in order:
-                outputs[m], seconds, steps = run_method(m, model, ids, args.max_new_tokens, counter, datastore,
-                                                        args.budget)
-                rec[m] = {"tokens": len(outputs[m]), "seconds": seconds, "steps": steps}
-            for m in methods:
+                t = time.perf_counter()
+                outputs[m], steps = table[m](ids, args.max_new_tokens)
+                rec[m] = {"tokens": len(outputs[m]), "seconds": time.perf_counter() - t, "steps": steps}
+            for m in names:
                 rec[m]["identical"] = outputs[m] == outputs["vanilla"]
             records.append(rec)
-            messages.append({"role": "assistant", "content": tok.decode(outputs["vanilla"], skip_special_tokens=True)})
-    result = summarize(records, methods)
+    result = summarize(records, names)
     print_table(result)
+    calibration = print_calibration(online_state(model, datastore).calibrator)
     if args.out:
-        args.out.write_text(json.dumps({"results": result, "records": records}, indent=1))
+        args.out.write_text(json.dumps({"results": result, "calibration": calibration, "records": records}, indent=1))
         print(f"wrote {args.out}")
+    chart_path = args.chart or (args.out.with_suffix(".png") if args.out else None)
+    if chart_path:
+        chart(result, chart_path)
+
+
+def record(args) -> None:
+    questions = load_questions(args.questions, args.categories, args.limit)
+    model, tok = load_model(args.model)
+    written = 0
+    with open(args.out, "w") as f:
+        for q in tqdm(questions, desc="questions"):
+            traces: list[dict] = []
+
+            def answer(ids: torch.Tensor) -> list[int]:
+                out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                     output_logits=True, return_dict_in_generate=True)
+                output = out.sequences[0, ids.shape[1]:].tolist()
+                top = torch.cat(out.logits).topk(TRACE_TOPK, dim=-1).indices[: len(output)]
+                qid = q["question_id"] if not traces else f"{q['question_id']}-{len(traces) + 1}"
+                traces.append({"qid": qid, "cat": q["group"], "prompt": ids[0].tolist(), "output": output,
+                               "top8": top.tolist()})
+                return output
+
+            for _ in turns(q, tok, answer):  # answer() records each turn
+                pass
+            for t in traces:
+                f.write(json.dumps(t) + "\n")
+            written += len(traces)
+    print(f"wrote {written} traces to {args.out}")
+
+
+def replay(args) -> None:
+    if not args.traces.is_file():
+        sys.exit(f"no traces at {args.traces}: pass a JSONL file of recorded traces (tools/bench.py record)")
+    traces = load_traces(args.traces)
+    datastore = open_datastore(args.datastore)
+    vocab = int(max(max(t.prompt.max(), t.output.max(), t.topk.max()) for t in traces)) + 1
+    names = [n for n in args.drafters.split(",") if n != "corpus" or datastore is not None]
+    budgets = args.budgets.split(",")
+    cost_table = None
+    if "auto" in budgets:
+        model = load_model()[0]
+        vocab = model.config.vocab_size
+        cost_table = CostModel.of(model).table(1024)
+    categories = sorted({t.category for t in traces}) + ["overall"]
+    print(f"{len(traces)} traces; mean accepted tokens per step (predicted speedup for auto)")
+    print(f"{'drafters':<42}{'budget':>7}" + "".join(f"{c[:12]:>13}" for c in categories))
+    for chosen in [[n] for n in names] + ([names] if len(names) > 1 else []):
+        for b in budgets:
+            online = OnlineState(vocab)  # learned across the traces in file order, fresh per row
+
+            def make() -> list[Drafter]:
+                pool = [PromptLookupDrafter(), *online.drafters(), *(datastore.drafters(vocab) if datastore else ())]
+                return [d for d in pool if d.name in chosen]
+
+            calibrator = online.calibrator if b == "auto" else None
+            result = replay_all(traces, make, budget=None if b == "auto" else int(b), cost_table=cost_table,
+                                calibrator=calibrator)
+            cells = [f"{a:.2f} ({s:.2f}x)" if b == "auto" else f"{a:.2f}" for a, s in (result[c] for c in categories)]
+            print(f"{'+'.join(chosen):<42}{b:>7}" + "".join(f"{c:>13}" for c in cells))
+            if calibrator is not None:
+                ece, _ = calibrator.calibration_error()
+                print(f"    expected calibration error {ece:.3f}; per source: " + ", ".join(
+                    f"{name} predicted raw {raw:.3f} observed {seen:.3f} ({n} nodes)"
+                    for name, raw, seen, n in calibrator.report()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("run", "record", "replay", "-h", "--help"):
+        argv = ["run", *argv]  # `run` is the default command
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    commands = ap.add_subparsers(dest="command", required=True)
+
+    def questions_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+        p.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS, help="Spec-Bench question.jsonl")
+        p.add_argument("--categories", type=lambda s: set(s.split(",")), default=None,
+                       help="comma-separated groups (e.g. summarization,rag,mt_bench; default all)")
+        p.add_argument("--limit", type=int, default=10, help="questions per group (default 10)")
+        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                       help=f"the same for every method (default {max_new_tokens})")
+        p.add_argument("--model", default=None, help="local HF model directory (default SmolLM2-135M-Instruct)")
+
+    p = commands.add_parser("run", help="time every method side by side (the default command)")
+    questions_options(p, 128)
+    p.add_argument("--warmup", type=int, default=1, help="questions run first and not counted (default 1)")
+    p.add_argument("--datastore", default=None, help="datastore directory for the corpus drafter and retrodraft")
+    p.add_argument("--budget", type=int, default=None,
+                   help="fixed draft tree size for our methods (default: automatic, from the cost curve)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (and the chart beside it)")
+    p.add_argument("--chart", type=Path, default=None, help="write the chart (PNG) here (default: --out with .png)")
+    p.set_defaults(func=run)
+
+    p = commands.add_parser("record", help="record greedy traces of the target, with its top-8 at every position")
+    questions_options(p, 256)
+    p.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    p.set_defaults(func=record)
+
+    p = commands.add_parser("replay", help="mean accepted tokens of the drafters on recorded traces, no model")
+    p.add_argument("traces", nargs="?", type=Path, default=DEFAULT_TRACES,
+                   help="JSONL traces with qid, cat, prompt, output, top8 (default: ../shared's)")
+    p.add_argument("--budgets", default="8,16,32,64", help="comma-separated tree sizes and/or auto (default 8,16,32,64)")
+    p.add_argument("--datastore", default=None, help="a datastore for the corpus drafter")
+    p.add_argument("--drafters", default=",".join(DRAFTERS), help="which drafters to replay, comma-separated")
+    p.set_defaults(func=replay)
+
+    args = ap.parse_args(argv)
+    if getattr(args, "questions", None) is not None and not args.questions.is_file():
+        sys.exit(f"no questions at {args.questions}: pass --questions FILE (Spec-Bench format)")
+    args.func(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""tools/bench.py end to end on the real model: record traces, replay them, time every method."""
+
+import json
+
+import numpy as np
+import pytest
+
+from decode.replay import load_traces
+from tools import bench
+
+QUESTIONS = [
+    {"question_id": 1, "category": "summarization",
+     "turns": ["Summarize: The cat sat on the mat. The cat was happy on the mat all day."]},
+    {"question_id": 2, "category": "writing", "turns": ["Write one sentence about the sea.", "Now make it shorter."]},
+]
+
+
+@pytest.fixture()
+def questions(tmp_path):
+    path = tmp_path / "question.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return path
+
+
+@pytest.mark.model
+def test_record_replay_and_run(tmp_path, questions, capsys):
+    traces = tmp_path / "traces.jsonl"
+    bench.main(["record", "--questions", str(questions), "--max-new-tokens", "12", "--out", str(traces)])
+    recorded = load_traces(traces)
+    # the MT-bench question has two turns, the second including the first answer
+    assert [(t.qid, t.category) for t in recorded] == [("1", "summarization"), ("2", "mt_bench"), ("2-2", "mt_bench")]
+    assert len(recorded[2].prompt) > len(recorded[1].prompt) + len(recorded[1].output)
+    for t in recorded:
+        assert t.topk.shape == (len(t.output), 8)
+        np.testing.assert_array_equal(t.topk[:, 0], t.output)  # greedy: the output is the top-1
+
+    bench.main(["replay", str(traces), "--budgets", "4", "--drafters", "prompt_lookup,suffix"])
+    table = capsys.readouterr().out
+    assert "prompt_lookup+suffix" in table and "overall" in table
+
+    out = tmp_path / "results.json"
+    bench.main(["--questions", str(questions), "--max-new-tokens", "12", "--warmup", "0", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    results = saved["results"]
+    assert list(results) == ["vanilla", "prompt_lookup", "drafter:prompt_lookup", "drafter:suffix",
+                             "drafter:recycling", "retrodraft"]
+    for method in results.values():
+        assert set(method) == {"mt_bench", "summarization", "overall"}
+        for cell in method.values():
+            assert cell["identical"] is True
+            assert set(cell) == {"speedup", "tokens_per_s", "mean_accepted", "identical"}
+            assert cell["mean_accepted"] >= 1.0
+    assert results["vanilla"]["overall"]["speedup"] == pytest.approx(1.0)
+    assert results["vanilla"]["overall"]["mean_accepted"] == pytest.approx(1.0)
+    assert 0.0 <= saved["calibration"]["expected_calibration_error"] <= 1.0
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_missing_questions_file_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no questions"):
+        bench.main(["--questions", str(tmp_path / "none.jsonl")])
