@@ -17,7 +17,7 @@ from decode.tree_attention import compact_cache, new_cache, packed_attention, tr
 from retrieval.drafters import Drafter, PromptLookupDrafter, RecyclingDrafter, ReferenceDrafter, as_token_array
 from retrieval.calibration import Calibrator, verdicts
 from retrieval.online import OnlineState
-from retrieval.tree import DraftTree, fuse, prune
+from retrieval.tree import DraftTree, exclusive, fuse, prune
 
 MAX_NODES = 64  # candidates considered per step when the budget is automatic
 TOPK = 8  # top-k ids per verified row handed to drafters that learn from them
@@ -287,6 +287,8 @@ def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int | Non
         origins = np.where(t.origins >= 0, t.origins | (k << ORIGIN_BITS), -1)
         trees.append(dataclasses.replace(t, sources=np.full(len(t), 1 << k, np.uint8), origins=origins))
     tree = fuse(trees, limit)
+    if calibrator is not None:
+        tree = exclusive(tree)
     depths = tree.depths()
     # Accepted drafts + the bonus token must fit in what is left of max_new_tokens.
     if depths.max(initial=0) > max_depth:

@@ -203,3 +203,28 @@ def fuse(trees: list[DraftTree], budget: int | None = None) -> DraftTree:
             np.array(origins, np.int64),
         )
     return fused if budget is None else prune(fused, budget)
+
+
+def exclusive(tree: DraftTree) -> DraftTree:
+    """``tree`` with scores made consistent as path probabilities: siblings are different
+    tokens, so at most one is the target's next, and their scores may sum to no more than
+    their parent's (1 under the root). Where they do, they are scaled down together with
+    their subtrees. Fused trees need it: each source is calibrated alone, and two sources
+    confidently proposing different tokens cannot both be right."""
+    n = len(tree)
+    if n == 0:
+        return tree
+    scores = tree.scores.astype(np.float64)
+    factor = np.ones(n + 1)  # cumulative scale of each node's subtree; the root's at index n
+    order = np.argsort(tree.parents, kind="stable")  # children grouped by parent, root's first
+    parents = tree.parents[order]
+    starts = np.flatnonzero(np.diff(parents, prepend=-2))
+    for a, b in zip(starts, np.append(starts[1:], n)):
+        p = int(parents[a])
+        kids = order[a:b]
+        vals = scores[kids] * factor[p]
+        cap = 1.0 if p < 0 else scores[p]
+        scale = min(1.0, cap / vals.sum()) if vals.sum() > 0 else 1.0
+        scores[kids] = vals * scale
+        factor[kids] = factor[p] * scale
+    return DraftTree(tree.tokens, tree.parents, scores.astype(np.float32), tree.sources, tree.origins)

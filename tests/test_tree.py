@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from retrieval.tree import DraftTree, fuse, prune
+from retrieval.tree import DraftTree, exclusive, fuse, prune
 
 
 def chain(tokens, scores, source=1):
@@ -112,3 +112,23 @@ def test_fuse_keeps_every_path_and_prunes_to_the_best(trees, budget):
     assert len(pruned) == min(budget, len(full))
     if 0 < len(pruned) < len(full):
         assert pruned.scores.min() >= np.sort(full.scores)[::-1][len(pruned)] - 1e-7
+
+
+def test_exclusive_scales_siblings_that_claim_more_than_their_parent_with_their_subtrees():
+    # under the root: 0.8 + 0.4 > 1; node 2 (child of 0) keeps its share of node 0
+    tree = DraftTree.build([1, 2, 3], [-1, -1, 0], [0.8, 0.4, 0.6])
+    np.testing.assert_allclose(exclusive(tree).scores, [0.8 / 1.2, 0.4 / 1.2, 0.6 / 1.2], rtol=1e-6)
+    consistent = DraftTree.build([1, 2, 3], [-1, -1, 0], [0.5, 0.3, 0.2])
+    np.testing.assert_array_equal(exclusive(consistent).scores, consistent.scores)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(random_tree(), min_size=1, max_size=3))
+def test_exclusive_scores_are_path_probabilities(trees):
+    fused = fuse(trees)
+    out = exclusive(fused)
+    out.validate()
+    assert np.all(out.scores <= fused.scores + 1e-6)
+    for p in [-1, *range(len(out))]:
+        cap = 1.0 if p < 0 else out.scores[p]
+        assert out.scores[out.parents == p].sum() <= cap + 1e-5

@@ -102,6 +102,13 @@ class ForwardCounter:
         self.calls += 1
 
 
+def drafter_pool(online: OnlineState, datastore, vocab: int) -> list[Drafter]:
+    """One of each drafter: prompt lookup, ``online``'s past outputs and recycling, and the
+    datastore's corpus when there is one."""
+    corpus = [d for d in datastore.drafters(vocab) if d.name == "corpus"] if datastore is not None else []
+    return [PromptLookupDrafter(), *online.drafters(), *corpus]
+
+
 Method = Callable[[torch.Tensor, int], tuple[list[int], int]]  # (ids, max_new_tokens) -> (new ids, steps)
 
 
@@ -128,10 +135,7 @@ def methods(model, datastore, budget: int | None) -> dict[str, Method]:
     def alone(name: str) -> Method:
         solo = OnlineState(vocab)  # this method's own past outputs, recycling matrix and calibration
 
-        def make() -> list[Drafter]:
-            pool = [PromptLookupDrafter(), *solo.drafters(), *(datastore.drafters(vocab) if datastore else ())]
-            return [d for d in pool if d.name == name][:1]
-        return ours(make, solo.calibrator)
+        return ours(lambda: [d for d in drafter_pool(solo, datastore, vocab) if d.name == name], solo.calibrator)
 
     table = {"vanilla": hf({}), "prompt_lookup": hf({"prompt_lookup_num_tokens": 10})}
     for name in DRAFTERS:
@@ -298,12 +302,9 @@ def replay(args) -> None:
         for b in budgets:
             online = OnlineState(vocab)  # learned across the traces in file order, fresh per row
 
-            def make() -> list[Drafter]:
-                pool = [PromptLookupDrafter(), *online.drafters(), *(datastore.drafters(vocab) if datastore else ())]
-                return [d for d in pool if d.name in chosen]
-
             calibrator = online.calibrator if b == "auto" else None
-            result = replay_all(traces, make, budget=None if b == "auto" else int(b), cost_table=cost_table,
+            result = replay_all(traces, lambda: [d for d in drafter_pool(online, datastore, vocab) if d.name in chosen],
+                                budget=None if b == "auto" else int(b), cost_table=cost_table,
                                 calibrator=calibrator)
             cells = [f"{a:.2f} ({s:.2f}x)" if b == "auto" else f"{a:.2f}" for a, s in (result[c] for c in categories)]
             print(f"{'+'.join(chosen):<42}{b:>7}" + "".join(f"{c:>13}" for c in cells))
