@@ -235,12 +235,19 @@ def generate(
 
 @dataclass
 class Proposal:
-    """One drafter's tree as proposed (raw scores), the recycling matrix's verdict on its
-    nodes and the scores calibration gave them (None without a calibrator)."""
+    """A tree to learn calibration from: as scored when proposed, with its source (one
+    name, or one per node), the recycling matrix's verdict on its nodes, and the scores the
+    budget saw (the fused tree's only, so the calibration error counts each node once)."""
 
     tree: DraftTree
+    name: str | list[str]
     verdict: np.ndarray | None
     calibrated: np.ndarray | None
+
+
+def _agreeing(drafters: Sequence[Drafter], mask: int) -> str:
+    """The calibration source of a fused node proposed by the drafters in ``mask``."""
+    return "fused:" + "+".join(d.name for k, d in enumerate(drafters) if mask >> k & 1)
 
 
 def _verify(model, cache, tree: DraftTree, root: int, past: int, sampling: dict | None,
@@ -283,12 +290,18 @@ def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int | Non
         if calibrator is not None:
             verdict = verdicts(t, int(context[-1]), recycling)
             t = calibrator.calibrate(t, d.name, verdict)
-        proposed.append(Proposal(raw, verdict, t.scores))
+        proposed.append(Proposal(raw, d.name, verdict, None))
         origins = np.where(t.origins >= 0, t.origins | (k << ORIGIN_BITS), -1)
         trees.append(dataclasses.replace(t, sources=np.full(len(t), 1 << k, np.uint8), origins=origins))
     tree = fuse(trees, limit)
-    if calibrator is not None:
-        tree = exclusive(tree)
+    if calibrator is not None and len(tree):
+        # Each source was calibrated alone; whether a node's acceptance holds up depends on
+        # which sources agree on it (and so, which disagree), so fused nodes are calibrated
+        # again per set of agreeing sources.
+        agree = [_agreeing(drafters, m) for m in tree.sources.tolist()]
+        fused = tree
+        tree = exclusive(calibrator.calibrate(fused, agree))
+        proposed.append(Proposal(fused, agree, None, tree.scores))
     depths = tree.depths()
     # Accepted drafts + the bonus token must fit in what is left of max_new_tokens.
     if depths.max(initial=0) > max_depth:
@@ -306,8 +319,8 @@ def _learn(drafters: Sequence[Drafter], proposed: list[Proposal], context: np.nd
     for d in drafters:
         d.observe(context, new, rows if d.needs_topk else None)
     if calibrator is not None:
-        for d, p in zip(drafters, proposed):
-            calibrator.observe(p.tree, d.name, new, p.verdict, p.calibrated)
+        for p in proposed:
+            calibrator.observe(p.tree, p.name, new, p.verdict, p.calibrated)
 
 
 def _topk_rows(ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray:

@@ -64,22 +64,27 @@ class Calibrator:
             self.seen, self.hits, self.raw = (np.concatenate([a, grow]) for a in (self.seen, self.hits, self.raw))
         return self.names.index(name)
 
-    @staticmethod
-    def _cells(tree: DraftTree, verdict: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    def _cells(self, tree: DraftTree, name: str | list[str], verdict: np.ndarray | None) -> tuple[np.ndarray, ...]:
+        """(source, verdict, depth, score bucket) of every node; ``name`` is the source of
+        all of them, or one per node."""
+        if isinstance(name, str):
+            source = np.full(len(tree), self._index(name), np.int64)
+        else:
+            source = np.array([self._index(n) for n in name], np.int64)
         depth = np.minimum(tree.depths(), DEPTHS) - 1
         bucket = np.minimum((tree.scores * BUCKETS).astype(np.int64), BUCKETS - 1)
-        return (np.zeros(len(tree), np.int64) if verdict is None else verdict), depth, bucket
+        return source, (np.zeros(len(tree), np.int64) if verdict is None else verdict), depth, bucket
 
-    def calibrate(self, tree: DraftTree, name: str, verdict: np.ndarray | None = None) -> DraftTree:
+    def calibrate(self, tree: DraftTree, name: str | list[str], verdict: np.ndarray | None = None) -> DraftTree:
         """``tree`` with scores replaced by smoothed acceptance rates; a child never scores
-        above its parent (each node takes the minimum along its path). ``verdict``: the
-        recycling matrix's on each node (``verdicts``), None for no opinion."""
+        above its parent (each node takes the minimum along its path). ``name``: the source
+        of the nodes, or one per node; ``verdict``: the recycling matrix's on each node
+        (``verdicts``), None for no opinion."""
         if len(tree) == 0:
             return tree
-        source = self._index(name)
-        cell = self._cells(tree, verdict)
-        seen, hits = self.seen[source][cell], self.hits[source][cell]
-        prior = np.where(seen > 0, self.raw[source][cell] / np.maximum(seen, 1), tree.scores)
+        cell = self._cells(tree, name, verdict)
+        seen, hits = self.seen[cell], self.hits[cell]
+        prior = np.where(seen > 0, self.raw[cell] / np.maximum(seen, 1), tree.scores)
         rate = (hits + PRIOR_WEIGHT * prior) / (seen + PRIOR_WEIGHT)
         scores = rate.astype(np.float32)
         for i, p in enumerate(tree.parents.tolist()):
@@ -87,7 +92,7 @@ class Calibrator:
                 scores[i] = scores[p]
         return DraftTree(tree.tokens, tree.parents, scores, tree.sources, tree.origins)
 
-    def observe(self, tree: DraftTree, name: str, emitted: np.ndarray, verdict: np.ndarray | None = None,
+    def observe(self, tree: DraftTree, name: str | list[str], emitted: np.ndarray, verdict: np.ndarray | None = None,
                 predicted: np.ndarray | None = None) -> None:
         """Count the outcome of every node of ``tree`` (as proposed, raw scores, with the
         ``verdict`` it was calibrated with) whose outcome ``emitted`` (the tokens the step
@@ -106,11 +111,10 @@ class Calibrator:
                 continue  # the path reaches past what was emitted: undecided
             known[i] = True
             right[i] = parent_right and tree.tokens[i] == emitted[depth[i] - 1]
-        source = self._index(name)
-        cell = tuple(c[known] for c in self._cells(tree, verdict))
-        np.add.at(self.seen[source], cell, 1.0)
-        np.add.at(self.hits[source], cell, right[known].astype(np.float64))
-        np.add.at(self.raw[source], cell, tree.scores[known].astype(np.float64))
+        cell = tuple(c[known] for c in self._cells(tree, name, verdict))
+        np.add.at(self.seen, cell, 1.0)
+        np.add.at(self.hits, cell, right[known].astype(np.float64))
+        np.add.at(self.raw, cell, tree.scores[known].astype(np.float64))
         if predicted is not None:
             p = predicted[known].astype(np.float64)
             bins = np.minimum((p * BINS).astype(np.int64), BINS - 1)

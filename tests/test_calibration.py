@@ -89,3 +89,16 @@ def test_state_saved_before_verdicts_seeds_every_verdict():
     again = Calibrator.from_state(old)
     for verdict in range(4):
         assert again.calibrate(chain([5], 0.9), "src", np.array([verdict])).scores[0] < 0.2
+
+
+def test_per_node_sources_are_calibrated_apart():
+    """A fused tree's nodes are calibrated by the set of sources that agree on each: the
+    same raw score, right always when both sources agree and never when one is alone."""
+    cal = Calibrator()
+    tree = DraftTree.build([5, 6], [-1, -1], [0.5, 0.5])
+    names = ["fused:a+b", "fused:a"]
+    for _ in range(200):
+        cal.observe(tree, names, np.array([5], np.int32))
+    out = cal.calibrate(tree, names).scores
+    assert out[0] > 0.95 and out[1] < 0.05
+    assert set(cal.names) == set(names)

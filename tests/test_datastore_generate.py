@@ -68,6 +68,9 @@ def test_online_state_written_by_one_process_is_there_after_restart(smollm, stor
     saved = store.load_state("online")
     assert saved is not None and len(saved["outputs"]) >= 24
     assert (saved["recycling"] >= 0).any()
+    # calibration is saved per drafter and per set of drafters agreeing on a fused node
+    assert {"prompt_lookup", "recycling"} <= set(saved["calibration_names"].tolist())
+    assert any(n.startswith("fused:") for n in saved["calibration_names"].tolist())
     child = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
         from retrieval import Datastore
