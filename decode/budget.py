@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from decode.model import cache_dir
-from decode.tree_attention import new_cache, packed_attention, tree_inputs, truncate_cache
+from decode.tree_attention import new_cache, verification_kernels, tree_inputs, truncate_cache
 from retrieval.tree import DraftTree
 
 SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 BUCKETS = (256, 1024, 4096)
-VERIFY_PATH = 2  # bumped when the verification forward changes, so cached curves are re-measured
+VERIFY_PATH = 3  # bumped when the verification forward changes, so cached curves are re-measured
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def measure(model, context: int, reps: int = 5) -> CostCurve:
     cache = new_cache(model, context + SIZES[-1] + 1)
     head = model.get_output_embeddings()
     seconds = []
-    with packed_attention(model):
+    with verification_kernels(model):
         model.base_model(input_ids=torch.randint(0, vocab, (1, context), generator=gen).to(device),
                          past_key_values=cache, use_cache=True)
         for n in SIZES:

@@ -13,7 +13,7 @@ import torch
 
 from decode.acceptance import accept_greedy, accept_sampling
 from decode.budget import CostModel, choose_budget
-from decode.tree_attention import compact_cache, new_cache, packed_attention, tree_inputs
+from decode.tree_attention import compact_cache, new_cache, verification_kernels, tree_inputs
 from retrieval.drafters import Drafter, PromptLookupDrafter, RecyclingDrafter, ReferenceDrafter, as_token_array
 from retrieval.calibration import Calibrator, verdicts
 from retrieval.online import OnlineState
@@ -197,7 +197,7 @@ def generate(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     cache = new_cache(model, end + (MAX_NODES if budget is None else budget) + 1)
-    with packed_attention(model):
+    with verification_kernels(model):
         # Prefill all prompt tokens but the last; the last is the root of the first step.
         if prompt_len > 1:
             model.base_model(input_ids=input_ids[:, :-1].to(model.device), past_key_values=cache, use_cache=True)

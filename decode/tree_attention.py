@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from decode.skinny import skinny_linears
 from retrieval.tree import DraftTree
 
 PACKED_SDPA = "retrodraft_packed_sdpa"
@@ -60,6 +61,14 @@ def packed_attention(model) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = "sdpa"
+
+
+@contextlib.contextmanager
+def verification_kernels(model) -> Iterator[None]:
+    """Within the block, the model attends with ``packed_sdpa`` and, in float32 on a CPU,
+    multiplies a few rows by its weights with ``decode.skinny``'s kernel."""
+    with packed_attention(model), skinny_linears(model):
+        yield
 
 
 class _BufferedLayer(DynamicLayer):

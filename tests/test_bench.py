@@ -42,7 +42,7 @@ def test_record_replay_and_run(tmp_path, questions, capsys):
     bench.main(["--questions", str(questions), "--max-new-tokens", "12", "--warmup", "0", "--out", str(out)])
     saved = json.loads(out.read_text())
     results = saved["results"]
-    assert list(results) == ["vanilla", "prompt_lookup", "drafter:prompt_lookup", "drafter:suffix",
+    assert list(results) == ["vanilla", "prompt_lookup", "no_drafts", "drafter:prompt_lookup", "drafter:suffix",
                              "drafter:recycling", "retrodraft"]
     for method in results.values():
         assert set(method) == {"mt_bench", "summarization", "overall"}

@@ -10,7 +10,8 @@ usage: python tools/bench.py [run] [--questions FILE] [--categories a,b] [--limi
                              [--drafters prompt_lookup,suffix,recycling,corpus]
 
 run: methods interleaved per question, greedy, batch 1, the same max_new_tokens for all:
-vanilla `model.generate`, transformers' prompt lookup (prompt_lookup_num_tokens=10), each
+vanilla `model.generate`, transformers' prompt lookup (prompt_lookup_num_tokens=10),
+`no_drafts` (`decode.generate` with speculation off: what its loop and kernels alone give), each
 drafter alone (`drafter:NAME`, automatic budget, its own online state and calibration) and
 `retrodraft`, the fused engine as `decode.generate` runs it by default (with --datastore,
 over that datastore, opened read-only: what it learns stays in memory). Per method and
@@ -113,7 +114,7 @@ Method = Callable[[torch.Tensor, int], tuple[list[int], int]]  # (ids, max_new_t
 
 
 def methods(model, datastore, budget: int | None) -> dict[str, Method]:
-    """Every method of a run by name: vanilla, prompt_lookup, drafter:NAME per drafter, retrodraft."""
+    """Every method of a run by name: vanilla, prompt_lookup, no_drafts, drafter:NAME per drafter, retrodraft."""
     counter = ForwardCounter(model)
     vocab = model.config.vocab_size
 
@@ -137,7 +138,8 @@ def methods(model, datastore, budget: int | None) -> dict[str, Method]:
 
         return ours(lambda: [d for d in drafter_pool(solo, datastore, vocab) if d.name == name], solo.calibrator)
 
-    table = {"vanilla": hf({}), "prompt_lookup": hf({"prompt_lookup_num_tokens": 10})}
+    table = {"vanilla": hf({}), "prompt_lookup": hf({"prompt_lookup_num_tokens": 10}),
+             "no_drafts": ours(lambda: [], None)}
     for name in DRAFTERS:
         if name != "corpus" or datastore is not None:
             table[f"drafter:{name}"] = alone(name)
