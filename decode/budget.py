@@ -15,6 +15,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -85,20 +86,21 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def measure(model, context: int, reps: int = 5) -> CostCurve:
-    """Time verification forwards of 1 + n tokens (a chain of n drafts, with its tree mask,
-    cache and attention as ``generate`` runs them) over a cache of ``context`` random tokens;
-    the median of ``reps``."""
+def forward_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: int = 5,
+                    kernels: Callable = verification_kernels) -> list[float]:
+    """Seconds of a verification forward of 1 + n tokens for each n in ``sizes`` (a chain of
+    n drafts, with its tree mask and cache as ``generate`` runs them, LM head included) over
+    a cache of ``context`` random tokens, within ``kernels(model)``; the median of ``reps``."""
     device = model.device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    cache = new_cache(model, context + SIZES[-1] + 1)
+    cache = new_cache(model, context + max(sizes) + 1)
     head = model.get_output_embeddings()
     seconds = []
-    with verification_kernels(model):
+    with kernels(model):
         model.base_model(input_ids=torch.randint(0, vocab, (1, context), generator=gen).to(device),
                          past_key_values=cache, use_cache=True)
-        for n in SIZES:
+        for n in sizes:
             chain = DraftTree.build(torch.randint(0, vocab, (n,), generator=gen).numpy(), np.arange(n) - 1,
                                     np.ones(n))
             ids, positions, mask = tree_inputs(0, chain, context, device, model.dtype)
@@ -113,6 +115,12 @@ def measure(model, context: int, reps: int = 5) -> CostCurve:
                 times.append(time.perf_counter() - t)
                 truncate_cache(cache, context)
             seconds.append(float(np.median(times[2:])))
+    return seconds
+
+
+def measure(model, context: int, reps: int = 5) -> CostCurve:
+    """c(n) at ``SIZES`` over a cache of ``context`` tokens, from ``forward_seconds``."""
+    seconds = forward_seconds(model, context, SIZES, reps)
     return CostCurve(SIZES, tuple(s / seconds[0] for s in seconds))
 
 

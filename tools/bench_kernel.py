@@ -1,0 +1,83 @@
+"""What a few rows cost through BLAS and through decode.skinny's kernel: a benchmark, not a test.
+
+usage: python tools/bench_kernel.py [--model DIR] [--context N] [--reps N]
+
+Prints two tables, milliseconds, median of --reps after two warm-ups:
+  weights   30 float32 weight matrices of 1536 x 576 (SmolLM2-135M's MLP shape, 106 MB: more
+            than any cache, as in a real forward) times 1-64 input rows, F.linear (BLAS) and
+            the kernel, one matrix after another
+  forward   one verification forward of the model (1 + n tokens, LM head included, as the
+            cost curve measures it) over a cache of --context tokens, with packed attention
+            only (BLAS linear layers) and with the kernel as ``generate`` runs it
+and last the cost curve c(n) the budget uses at --context (from the disk cache, else measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from decode import load_model  # noqa: E402
+from decode.budget import CostModel, forward_seconds  # noqa: E402
+from decode.skinny import rows_times_weights  # noqa: E402
+from decode.tree_attention import packed_attention  # noqa: E402
+
+ROWS = (1, 2, 4, 8, 16, 32, 64)
+TREE_SIZES = (0, 1, 2, 4, 8, 16, 32, 64)
+
+
+def median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps + 2):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[2:])) * 1000
+
+
+def row(label: str, values: list[float]) -> str:
+    return f"| {label} | " + " | ".join(f"{v:.1f}" for v in values) + " |"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="local HF model directory (default SmolLM2-135M-Instruct)")
+    ap.add_argument("--context", type=int, default=1024, help="cached tokens before the forward (default 1024)")
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(1536, 576, generator=gen) for _ in range(30)]
+    blas, kernel = [], []
+    for m in ROWS:
+        x = torch.randn(m, 576, generator=gen)
+        out = np.empty((m, 1536), np.float32)
+        blas.append(median_ms(lambda: [F.linear(x, w) for w in weights], args.reps))
+        kernel.append(median_ms(lambda: [rows_times_weights(x.numpy(), w.numpy(), out) for w in weights], args.reps))
+    print(f"weights: 30 x (1536 x 576) float32, ms, {torch.get_num_threads()} threads\n")
+    print("| rows | " + " | ".join(map(str, ROWS)) + " |\n|---|" + "---|" * len(ROWS))
+    print(row("`F.linear` (BLAS)", blas))
+    print(row("`decode.skinny` kernel", kernel))
+
+    model, _ = load_model(args.model)
+    with_blas = forward_seconds(model, args.context, TREE_SIZES, args.reps, kernels=packed_attention)
+    with_kernel = forward_seconds(model, args.context, TREE_SIZES, args.reps)
+    print(f"\nforward of 1 + n tokens over {args.context} cached tokens, ms\n")
+    print("| n | " + " | ".join(map(str, TREE_SIZES)) + " |\n|---|" + "---|" * len(TREE_SIZES))
+    print(row("BLAS linear layers", [s * 1000 for s in with_blas]))
+    print(row("kernel (as `generate`)", [s * 1000 for s in with_kernel]))
+    curve = CostModel.of(model).table(args.context)
+    print(f"\ncost curve the budget uses at {args.context}: "
+          + ", ".join(f"c({n}) = {curve[n]:.2f}" for n in TREE_SIZES[1:]))
+
+
+if __name__ == "__main__":
+    main()
