@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--context", type=int, default=1024, help="cached tokens before the forward (default 1024)")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
+    if args.reps < 1 or args.context < 1:
+        ap.error(f"--reps and --context must be at least 1, got {args.reps} and {args.context}")
+    model, _ = load_model(args.model)
+    longest = CostModel.of(model).longest
+    if args.context > longest:
+        ap.error(f"--context {args.context} leaves no room for a 64-node tree in the model's context: "
+                 f"at most {longest}")
 
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(1536, 576, generator=gen) for _ in range(30)]
@@ -67,7 +74,6 @@ def main(argv: list[str] | None = None) -> None:
     print(row("`F.linear` (BLAS)", blas))
     print(row("`decode.skinny` kernel", kernel))
 
-    model, _ = load_model(args.model)
     with_blas = forward_seconds(model, args.context, TREE_SIZES, args.reps, kernels=packed_attention)
     with_kernel = forward_seconds(model, args.context, TREE_SIZES, args.reps)
     print(f"\nforward of 1 + n tokens over {args.context} cached tokens, ms\n")
