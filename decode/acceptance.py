@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from retrieval.tree import DraftTree
+from retrodraft.retrieval.tree import DraftTree
 
 LogitsAt = Callable[[int], torch.Tensor]
 

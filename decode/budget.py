@@ -19,9 +19,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from decode.model import cache_dir
-from decode.tree_attention import new_cache, verification_kernels, tree_inputs, truncate_cache
-from retrieval.tree import DraftTree
+from retrodraft.decode.model import cache_dir
+from retrodraft.decode.tree_attention import new_cache, verification_kernels, tree_inputs, truncate_cache
+from retrodraft.retrieval.tree import DraftTree
 
 SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 BUCKETS = (256, 1024, 4096)

@@ -11,13 +11,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from decode.acceptance import accept_greedy, accept_sampling
-from decode.budget import CostModel, choose_budget
-from decode.tree_attention import compact_cache, new_cache, verification_kernels, tree_inputs
-from retrieval.drafters import Drafter, PromptLookupDrafter, RecyclingDrafter, ReferenceDrafter, as_token_array
-from retrieval.calibration import Calibrator, verdicts
-from retrieval.online import OnlineState
-from retrieval.tree import DraftTree, exclusive, fuse, prune
+from retrodraft.decode.acceptance import accept_greedy, accept_sampling
+from retrodraft.decode.budget import CostModel, choose_budget
+from retrodraft.decode.tree_attention import compact_cache, new_cache, verification_kernels, tree_inputs
+from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter, RecyclingDrafter, ReferenceDrafter, as_token_array
+from retrodraft.retrieval.calibration import Calibrator, verdicts
+from retrodraft.retrieval.online import OnlineState
+from retrodraft.retrieval.tree import DraftTree, exclusive, fuse, prune
 
 MAX_NODES = 64  # candidates considered per step when the budget is automatic
 TOPK = 8  # top-k ids per verified row handed to drafters that learn from them

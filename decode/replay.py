@@ -16,10 +16,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from decode.acceptance import accept_greedy
-from decode.generation import _learn, _propose
-from retrieval.calibration import Calibrator
-from retrieval.drafters import Drafter
+from retrodraft.decode.acceptance import accept_greedy
+from retrodraft.decode.generation import _learn, _propose
+from retrodraft.retrieval.calibration import Calibrator
+from retrodraft.retrieval.drafters import Drafter
 
 
 @dataclass

@@ -23,8 +23,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from decode.skinny import skinny_linears
-from retrieval.tree import DraftTree
+from retrodraft.decode.skinny import skinny_linears
+from retrodraft.retrieval.tree import DraftTree
 
 PACKED_SDPA = "retrodraft_packed_sdpa"
 

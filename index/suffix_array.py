@@ -17,7 +17,7 @@ import operator
 import numba
 import numpy as np
 
-from index.trie import build_trie, reindex_parents, top_nodes
+from retrodraft.index.trie import build_trie, reindex_parents, top_nodes
 
 # Token ids below max(this, n // 2) are ranked through a dense table (<= 4 bytes a token);
 # larger ids through a sort of the distinct ids.

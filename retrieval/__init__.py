@@ -1,8 +1,8 @@
 """Where drafts come from: the DraftTree type, fusion and pruning, and the drafters."""
 
-from retrieval.corpus import Document, EmptyCorpusError, SkipCounts, iter_documents
-from retrieval.drafters import Drafter, PromptLookupDrafter
-from retrieval.store import (
+from retrodraft.retrieval.corpus import Document, EmptyCorpusError, SkipCounts, iter_documents
+from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter
+from retrodraft.retrieval.store import (
     CorruptDatastoreError,
     Datastore,
     DatastoreError,
@@ -13,7 +13,7 @@ from retrieval.store import (
     TokenizerMismatchError,
     tokenizer_fingerprint,
 )
-from retrieval.tree import DraftTree, fuse, prune
+from retrodraft.retrieval.tree import DraftTree, fuse, prune
 
 __all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter"]
 __all__ += [

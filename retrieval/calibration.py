@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from index.recycling import TokenRecycling
-from retrieval.tree import DraftTree
+from retrodraft.index.recycling import TokenRecycling
+from retrodraft.retrieval.tree import DraftTree
 
 VERDICTS = 4  # of the recycling matrix on a node: no row yet, top-1, in the top-k, absent
 DEPTHS = 16  # depths beyond share the last row

@@ -10,12 +10,12 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from index import suffix_array
-from index.lookup import suffix_occurrences
-from index.recycling import TokenRecycling
-from index.suffix_tree import SuffixTree
-from index.trie import build_trie
-from retrieval.tree import DraftTree, depths_of, fuse, prune
+from retrodraft.index import suffix_array
+from retrodraft.index.lookup import suffix_occurrences
+from retrodraft.index.recycling import TokenRecycling
+from retrodraft.index.suffix_tree import SuffixTree
+from retrodraft.index.trie import build_trie
+from retrodraft.retrieval.tree import DraftTree, depths_of, fuse, prune
 
 
 class Drafter(Protocol):

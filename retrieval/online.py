@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from index.recycling import TokenRecycling
-from index.suffix_tree import SuffixTree
-from retrieval.calibration import Calibrator
-from retrieval.drafters import Drafter, RecyclingDrafter, SuffixDrafter
+from retrodraft.index.recycling import TokenRecycling
+from retrodraft.index.suffix_tree import SuffixTree
+from retrodraft.retrieval.calibration import Calibrator
+from retrodraft.retrieval.drafters import Drafter, RecyclingDrafter, SuffixDrafter
 
 OUTPUT_TOKENS = 1 << 18  # past-output tokens kept (oldest evicted): ~250 MB of tree at depth 32
 OUTPUT_DEPTH = 32

@@ -52,10 +52,10 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from index import suffix_array
-from retrieval.corpus import Document, EmptyCorpusError, SkipCounts
-from retrieval.drafters import CorpusDrafter, Drafter, join_documents
-from retrieval.online import OnlineState
+from retrodraft.index import suffix_array
+from retrodraft.retrieval.corpus import Document, EmptyCorpusError, SkipCounts
+from retrodraft.retrieval.drafters import CorpusDrafter, Drafter, join_documents
+from retrodraft.retrieval.online import OnlineState
 
 FORMAT_VERSION = 1
 ONLINE_STATE = "online"  # what generation learns: outputs, lengths, recycling, calibration_*

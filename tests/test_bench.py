@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from decode.replay import load_traces
-from tools import bench
+from retrodraft.decode.replay import load_traces
+from retrodraft.tools import bench
 
 QUESTIONS = [
     {"question_id": 1, "category": "summarization",

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import tiny_model
-from decode.budget import SIZES, CostCurve, CostModel, bucket, choose_budget
+from retrodraft.decode.budget import SIZES, CostCurve, CostModel, bucket, choose_budget
 
 
 def curve(costs):

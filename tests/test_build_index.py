@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval import Datastore, Document
+from retrodraft.retrieval import Datastore, Document
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "build_index.py"
@@ -26,7 +26,7 @@ def run(*args, cwd=None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tok():
-    from decode import load_tokenizer
+    from retrodraft.decode import load_tokenizer
 
     return load_tokenizer()
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from index.recycling import TokenRecycling
-from retrieval.calibration import Calibrator, verdicts
-from retrieval.tree import DraftTree
+from retrodraft.index.recycling import TokenRecycling
+from retrodraft.retrieval.calibration import Calibrator, verdicts
+from retrodraft.retrieval.tree import DraftTree
 
 
 def chain(tokens, score):

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval.corpus import Document, EmptyCorpusError, SkipCounts, iter_documents
+from retrodraft.retrieval.corpus import Document, EmptyCorpusError, SkipCounts, iter_documents
 
 
 def read(root, **kw):

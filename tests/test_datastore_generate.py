@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from decode import generate
-from retrieval import Datastore, PromptLookupDrafter, iter_documents
+from retrodraft.decode import generate
+from retrodraft.retrieval import Datastore, PromptLookupDrafter, iter_documents
 from test_real_model import NEW_TOKENS, PROMPTS, reference
 
 KNOWN = ["code", "list", "math"]  # their answers go into the corpus
@@ -73,7 +73,7 @@ def test_online_state_written_by_one_process_is_there_after_restart(smollm, stor
     assert any(n.startswith("fused:") for n in saved["calibration_names"].tolist())
     child = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
-        from retrieval import Datastore
+        from retrodraft.retrieval import Datastore
         ds = Datastore.open({str(store.path)!r})
         state = ds.online(49152)
         print(len(state.output_tree), int((state.recycling.state()["rows"] >= 0).sum()))

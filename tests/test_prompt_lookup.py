@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from index.lookup import suffix_occurrences
-from index.trie import build_trie
-from retrieval.drafters import PromptLookupDrafter, ReferenceDrafter
+from retrodraft.index.lookup import suffix_occurrences
+from retrodraft.index.trie import build_trie
+from retrodraft.retrieval.drafters import PromptLookupDrafter, ReferenceDrafter
 
 
 def oracle(stream, end, context, min_n, max_n):

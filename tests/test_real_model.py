@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import chat_ids
-from decode import generate
-from retrieval import PromptLookupDrafter
+from retrodraft.decode import generate
+from retrodraft.retrieval import PromptLookupDrafter
 
 CODE = inspect.getsource(json.encoder)
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from decode import generate
-from decode.replay import load_traces, replay, replay_all
-from index.suffix_tree import SuffixTree
-from retrieval.drafters import PromptLookupDrafter, SuffixDrafter
+from retrodraft.decode import generate
+from retrodraft.decode.replay import load_traces, replay, replay_all
+from retrodraft.index.suffix_tree import SuffixTree
+from retrodraft.retrieval.drafters import PromptLookupDrafter, SuffixDrafter
 
 
 def drafters(tree):

@@ -7,9 +7,9 @@ from scipy.stats import chisquare
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from conftest import tiny_model
-from decode import generate
-from decode.acceptance import accept_sampling
-from retrieval.tree import DraftTree
+from retrodraft.decode import generate
+from retrodraft.decode.acceptance import accept_sampling
+from retrodraft.retrieval.tree import DraftTree
 from test_generate_tiny import FixedDrafter
 
 VOCAB = 6

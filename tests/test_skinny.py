@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from decode.skinny import MAX_ROWS, rows_times_weights, skinny_linear, skinny_linears
+from retrodraft.decode.skinny import MAX_ROWS, rows_times_weights, skinny_linear, skinny_linears
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 65, MAX_ROWS])
@@ -31,7 +31,7 @@ def test_context_routes_few_rows_to_the_kernel_and_restores_the_layers(monkeypat
     layer = model.model.layers[0].self_attn.q_proj
     few, many = torch.randn(1, 3, 32), torch.randn(1, MAX_ROWS + 1, 32)
     calls = []
-    monkeypatch.setattr("decode.skinny.rows_times_weights",
+    monkeypatch.setattr("retrodraft.decode.skinny.rows_times_weights",
                         lambda x, w, out: calls.append(x.shape) or out.__setitem__(..., x @ w.T))
     with torch.inference_mode(), skinny_linears(model):
         torch.testing.assert_close(layer(few), F.linear(few, layer.weight, layer.bias))
@@ -41,7 +41,7 @@ def test_context_routes_few_rows_to_the_kernel_and_restores_the_layers(monkeypat
 
 
 def test_generation_with_the_kernel_equals_model_generate():
-    from decode import generate
+    from retrodraft.decode import generate
 
     model = tiny_model("llama")
     ids = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3]])

@@ -12,8 +12,8 @@ import lmdb
 import numpy as np
 import pytest
 
-from index import suffix_array
-from retrieval import (
+from retrodraft.index import suffix_array
+from retrodraft.retrieval import (
     CorruptDatastoreError,
     Datastore,
     Document,
@@ -62,7 +62,7 @@ def child(code: str, *args) -> str:
 
 @pytest.fixture(scope="module")
 def tok():
-    from decode import load_tokenizer
+    from retrodraft.decode import load_tokenizer
 
     return load_tokenizer()
 
@@ -95,7 +95,7 @@ def test_second_process_reads_identical_datastore(tmp_path, tok):
         assert not ds.tokens.flags.writeable
         assert ds.stats.documents == 3 and set(ds.stats.seconds) == {"read", "tokenize", "suffix_array", "write"}
     theirs = child("""
-        from retrieval import Datastore
+        from retrodraft.retrieval import Datastore
         with Datastore.open(sys.argv[1]) as ds:
             print(digest(ds))
     """, tmp_path / "ds")
@@ -123,7 +123,7 @@ def test_state_saved_by_one_process_is_there_for_the_next(tmp_path, tok):
         ds.save_state("empty", {})
     out = child("""
         import numpy as np
-        from retrieval import Datastore
+        from retrodraft.retrieval import Datastore
         with Datastore.open(sys.argv[1], readonly=False) as ds:
             s = ds.load_state("suffix_tree")
             print(sorted(s), s["nodes"].dtype, s["nodes"].tolist(), s["meta"].tolist(), ds.load_state("empty"))
@@ -145,7 +145,7 @@ def test_reader_sees_state_committed_by_a_writer_process(tmp_path, tok):
             ds.save_state("x", {"a": np.zeros(1)})
         child("""
             import numpy as np
-            from retrieval import Datastore
+            from retrodraft.retrieval import Datastore
             with Datastore.open(sys.argv[1], readonly=False) as w:
                 w.save_state("x", {"a": np.arange(3)})
         """, tmp_path / "ds")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from retrieval.tree import DraftTree, exclusive, fuse, prune
+from retrodraft.retrieval.tree import DraftTree, exclusive, fuse, prune
 
 
 def chain(tokens, scores, source=1):

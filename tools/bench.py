@@ -43,19 +43,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm import tqdm
 
-from decode import generate, load_model, online_state  # noqa: E402
-from decode.budget import CostModel  # noqa: E402
-from decode.replay import load_traces, replay_all  # noqa: E402
-from retrieval.calibration import Calibrator  # noqa: E402
-from retrieval.drafters import Drafter, PromptLookupDrafter  # noqa: E402
-from retrieval.online import OnlineState  # noqa: E402
-from tools.generate import chat_ids  # noqa: E402
+from retrodraft.decode import generate, load_model, online_state
+from retrodraft.decode.budget import CostModel
+from retrodraft.decode.replay import load_traces, replay_all
+from retrodraft.retrieval.calibration import Calibrator
+from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter
+from retrodraft.retrieval.online import OnlineState
+from retrodraft.tools.generate import chat_ids
 
 MT_BENCH = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
 SHARED = ROOT.parent / "shared" / "data"
@@ -216,7 +215,7 @@ def chart(result: dict, path: Path) -> None:
 def open_datastore(path: str | None, tokenizer=None):
     if not path:
         return None
-    from retrieval import Datastore
+    from retrodraft.retrieval import Datastore
 
     return Datastore.open(path, tokenizer=tokenizer)
 

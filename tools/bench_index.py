@@ -34,16 +34,15 @@ import time
 import tracemalloc
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
+import numba
+import numpy as np
 
-from index import suffix_array  # noqa: E402
-from index.knn import search, search_rows  # noqa: E402
-from index.ngram import NgramTable  # noqa: E402
-from index.recycling import TokenRecycling  # noqa: E402
-from index.suffix_tree import SuffixTree  # noqa: E402
+from retrodraft.index import suffix_array
+from retrodraft.index.knn import search, search_rows
+from retrodraft.index.ngram import NgramTable
+from retrodraft.index.recycling import TokenRecycling
+from retrodraft.index.suffix_tree import SuffixTree
 
 VOCAB = 49152  # the default model's vocabulary
 CALLS = 2000  # calls per latency figure
@@ -80,7 +79,7 @@ def rss_mb() -> float:
 @functools.cache
 def real_tokens(n: int) -> tuple[np.ndarray, str]:
     """int32[n] real token ids with -1 between files, and how they were made."""
-    from decode import load_tokenizer
+    from retrodraft.decode import load_tokenizer
 
     t = time.perf_counter()
     tok = load_tokenizer()

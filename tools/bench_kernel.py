@@ -15,20 +15,17 @@ and last the cost curve c(n) the budget uses at --context (from the disk cache, 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from decode import load_model  # noqa: E402
-from decode.budget import CostModel, forward_seconds  # noqa: E402
-from decode.skinny import rows_times_weights  # noqa: E402
-from decode.tree_attention import packed_attention  # noqa: E402
+from retrodraft.decode import load_model
+from retrodraft.decode.budget import CostModel, forward_seconds
+from retrodraft.decode.skinny import rows_times_weights
+from retrodraft.decode.tree_attention import packed_attention
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 TREE_SIZES = (0, 1, 2, 4, 8, 16, 32, 64)

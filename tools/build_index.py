@@ -22,7 +22,6 @@ import stat
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def die(message: str) -> None:
@@ -90,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["RAYON_NUM_THREADS"] = str(args.workers)
 
     # Imported after parsing: the packages take seconds (decode: torch), --help and mistakes should not.
-    from retrieval import Datastore, DatastoreError
-    from retrieval.corpus import DEFAULT_EXCLUDE, EmptyCorpusError, SkipCounts, iter_documents
+    from retrodraft.retrieval import Datastore, DatastoreError
+    from retrodraft.retrieval.corpus import DEFAULT_EXCLUDE, EmptyCorpusError, SkipCounts, iter_documents
 
     corpus = args.corpus.expanduser()
     if not corpus.exists():
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     exclude = set(args.exclude) | (set() if args.no_default_excludes else DEFAULT_EXCLUDE)
     skipped = SkipCounts()
     try:
-        from decode import load_tokenizer
+        from retrodraft.decode import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
         documents = iter_documents(corpus, fields, skipped, exclude)

@@ -10,15 +10,11 @@ and prints both speeds. Measures the hardware cost curve first if it is not cach
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from decode import generate, load_model  # noqa: E402
-from decode.budget import CostModel  # noqa: E402
-from tools.generate import chat_prompt  # noqa: E402
+from retrodraft.decode import generate, load_model
+from retrodraft.decode.budget import CostModel
+from retrodraft.tools.generate import chat_prompt
 
 BUILT_IN_PROMPT = """Here is a function from Python's standard library:
 
@@ -46,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_model(args.model)
     datastore = None
     if args.datastore:
-        from retrieval import Datastore
+        from retrodraft.retrieval import Datastore
 
         datastore = Datastore.open(args.datastore, tokenizer=tok)
     print("checking the cost curve of this model on this machine (measured once, then cached) ...")

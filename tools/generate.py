@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from decode import generate, load_model  # noqa: E402
-from retrieval import Datastore, DatastoreError  # noqa: E402
+from retrodraft.decode import generate, load_model
+from retrodraft.retrieval import Datastore, DatastoreError
 
 
 def chat_ids(tokenizer, messages: list[dict]):

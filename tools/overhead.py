@@ -10,16 +10,12 @@ compaction, bookkeeping) as a share of one forward.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from decode import generate, load_model  # noqa: E402
-from decode.budget import CostModel  # noqa: E402
-from tools.demo import BUILT_IN_PROMPT  # noqa: E402
-from tools.generate import chat_prompt  # noqa: E402
+from retrodraft.decode import generate, load_model
+from retrodraft.decode.budget import CostModel
+from retrodraft.tools.demo import BUILT_IN_PROMPT
+from retrodraft.tools.generate import chat_prompt
 
 
 def timed(module, log: list[float]) -> None:

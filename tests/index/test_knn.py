@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from index.knn import _widen, search, search_rows
+from retrodraft.index.knn import _widen, search, search_rows
 
 
 def oracle(keys, queries, k, metric, rows=None):

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from index.ngram import NgramTable
+from retrodraft.index.ngram import NgramTable
 
 
 def oracle(stream, max_n):

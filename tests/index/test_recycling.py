@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from index.recycling import TokenRecycling
+from retrodraft.index.recycling import TokenRecycling
 
 
 def best_first_oracle(rows, last, budget, top1_rate, rank_decay):

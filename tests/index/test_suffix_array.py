@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from index import suffix_array
-from index.trie import top_nodes
+from retrodraft.index import suffix_array
+from retrodraft.index.trie import top_nodes
 
 I32 = np.int32
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from index.suffix_tree import SuffixTree
+from retrodraft.index.suffix_tree import SuffixTree
 
 VOCAB = 4  # small, so paths repeat and nodes get several children
 

@@ -1,0 +1,19 @@
+"""retrodraft: model-free speculative decoding, drafts retrieved instead of generated.
+
+The source tree keeps the design card's folders at the top (``index/``, ``retrieval/``,
+``decode/``, ``tools/``); installed, they live under this one namespace as
+``retrodraft.index``, ``retrodraft.retrieval``, ``retrodraft.decode`` and
+``retrodraft.tools`` (see pyproject.toml's package-dir), so nothing generic lands in
+site-packages.
+"""
+
+__version__ = "0.1.0"
+
+from pathlib import Path as _Path
+
+# In a source checkout the subpackages are this folder's siblings: put them on the package's
+# path, so a checkout (a git worktree, a copy on another machine) imports its own code
+# whichever checkout was installed. An installed copy has no pyproject.toml beside it.
+_checkout = _Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "decode" / "__init__.py").is_file():
+    __path__.append(str(_checkout))
