@@ -2,22 +2,22 @@
 
 from retrodraft.retrieval.corpus import Document, EmptyCorpusError, SkipCounts, iter_documents
 from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter
-from retrodraft.retrieval.store import (
+from retrodraft.retrieval.build import BuildStats, tokenizer_fingerprint
+from retrodraft.retrieval.errors import (
     CorruptDatastoreError,
-    Datastore,
     DatastoreError,
     FormatVersionError,
     IncompleteDatastoreError,
     ReadOnlyDatastoreError,
     StaleDatastoreError,
     TokenizerMismatchError,
-    tokenizer_fingerprint,
 )
+from retrodraft.retrieval.store import Datastore
 from retrodraft.retrieval.tree import DraftTree, fuse, prune
 
 __all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter"]
 __all__ += [
     "Datastore", "DatastoreError", "CorruptDatastoreError", "FormatVersionError", "IncompleteDatastoreError",
-    "ReadOnlyDatastoreError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint",
+    "ReadOnlyDatastoreError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
     "Document", "EmptyCorpusError", "SkipCounts", "iter_documents",
 ]
