@@ -9,6 +9,7 @@ from retrodraft.retrieval.errors import (
     FormatVersionError,
     IncompleteDatastoreError,
     ReadOnlyDatastoreError,
+    ShardTooLargeError,
     StaleDatastoreError,
     TokenizerMismatchError,
 )
@@ -18,6 +19,6 @@ from retrodraft.retrieval.tree import DraftTree, fuse, prune
 __all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter"]
 __all__ += [
     "Datastore", "DatastoreError", "CorruptDatastoreError", "FormatVersionError", "IncompleteDatastoreError",
-    "ReadOnlyDatastoreError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
+    "ReadOnlyDatastoreError", "ShardTooLargeError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
     "Document", "EmptyCorpusError", "SkipCounts", "iter_documents",
 ]
