@@ -83,7 +83,7 @@ def forward_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: i
     seconds = []
     with kernels(model):
         model.base_model(input_ids=torch.randint(0, vocab, (1, context), generator=gen).to(device),
-                         past_key_values=cache, use_cache=True)
+                         cache=cache, use_cache=True)
         for n in sizes:
             chain = DraftTree.build(torch.randint(0, vocab, (n,), generator=gen).numpy(), np.arange(n) - 1,
                                     np.ones(n))
@@ -93,7 +93,7 @@ def forward_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: i
                 _sync(device)
                 t = time.perf_counter()
                 h = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                                     past_key_values=cache, use_cache=True).last_hidden_state
+                                     cache=cache, use_cache=True).last_hidden_state
                 head(h).argmax(-1)
                 _sync(device)
                 times.append(time.perf_counter() - t)

@@ -198,7 +198,7 @@ def _decode(model, input_ids: torch.Tensor, max_new_tokens: int, spec: Speculato
     with verification_kernels(model):
         # Prefill all prompt tokens but the last; the last is the root of the first step.
         if prompt_len > 1:
-            model.base_model(input_ids=input_ids[:, :-1].to(model.device), past_key_values=cache, use_cache=True)
+            model.base_model(input_ids=input_ids[:, :-1].to(model.device), cache=cache, use_cache=True)
         length, done = prompt_len, False
         while not done:
             t0 = time.perf_counter()
@@ -236,7 +236,7 @@ def _verify(model, cache, tree: DraftTree, root: int, past: int, sampling: dict 
     cache is compacted to the accepted path. ``sampling``: accept_sampling's settings,
     None for greedy."""
     ids, positions, mask = tree_inputs(root, tree, past, model.device, model.dtype)
-    hidden = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
+    hidden = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache,
                               use_cache=True).last_hidden_state[0]  # [n+1, d]
     head = model.get_output_embeddings()
     logits = head(hidden) if spec.needs_topk or sampling is None else None  # [n+1, vocab]
