@@ -3,6 +3,7 @@ drafts and greedy output equal to one datastore over the same documents."""
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from retrodraft.retrieval import (
 )
 from retrodraft.retrieval import build as build_module
 from retrodraft.retrieval.drafters import CorpusDrafter
-from retrodraft.retrieval.shard_build import append_sharded, build_sharded, ray_runner
+from retrodraft.retrieval.shard_build import append_sharded, build_sharded
 from retrodraft.retrieval.shard_drafter import ShardedCorpusDrafter
 from retrodraft.retrieval.shards import ShardedDatastore
 
@@ -197,15 +198,41 @@ def test_one_datastore_refuses_more_than_its_limit(tmp_path, tok, monkeypatch):
         assert ds.num_documents == 6 and all(s.tokens.shape[0] <= 20 for s in ds.shards)
 
 
+def build_index(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "build_index.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
 @pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install -e '.[scale]')")
-def test_build_on_a_local_ray_cluster_equals_the_in_process_build(stores, corpus, tok, tmp_path):
-    stats = build_sharded(tmp_path / "ray", tok, 4, corpus=corpus, runner=ray_runner(workers=2), progress=False)
-    assert len({r.peak_rss for r in stats.shards}) >= 1 and stats.total_tokens == stats.tokens
+def test_cli_builds_shards_on_a_local_ray_equal_to_the_in_process_build(stores, corpus, tmp_path):
+    p = build_index(corpus, "--out", tmp_path / "ray", "--shards", 4, "--workers", 2, "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert "4 shards" in p.stdout and "worker peak memory" in p.stdout and "tok/s" in p.stdout
     with Datastore.open(stores / "s4") as a, Datastore.open(tmp_path / "ray") as b:
         assert [s.path.name for s in a.shards] == [s.path.name for s in b.shards]
         for x, y in zip(a.shards, b.shards):
             assert np.array_equal(x.tokens, y.tokens) and np.array_equal(x.suffix_array, y.suffix_array)
         assert a.num_tokens == b.num_tokens
+
+
+def test_cli_without_ray_says_how_to_install_it_and_builds_unsharded(stores, corpus, tmp_path):
+    # A ray package that fails to import the way a missing one does.
+    fake = tmp_path / "fake" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\", name='ray')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), str(ROOT)])}
+    p = build_index(corpus, "--out", tmp_path / "s", "--shards", 2, "--quiet", env=env)
+    assert p.returncode != 0 and 'pip install -e ".[scale]"' in p.stderr and not (tmp_path / "s").exists()
+    p = build_index(corpus, "--out", tmp_path / "one", "--quiet", env=env)
+    assert p.returncode == 0, p.stderr
+    with Datastore.open(tmp_path / "one") as ds:
+        assert not isinstance(ds, ShardedDatastore) and ds.num_documents > 40
+    p = build_index(corpus, "--out", tmp_path / "s", "--shards", 0)
+    assert p.returncode != 0 and "--shards must be >= 1" in p.stderr
+    p = build_index(corpus, "--out", tmp_path / "s", "--ray-address", "auto")
+    assert p.returncode != 0 and "add --shards" in p.stderr
+    p = build_index(corpus, "--out", stores / "s4", "--append", "--shards", 3)
+    assert p.returncode != 0 and "has 4 shards" in p.stderr
 
 
 @pytest.mark.model
