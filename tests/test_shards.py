@@ -242,12 +242,12 @@ def test_greedy_output_equal_with_one_and_four_shards(smollm, stores):
 
     model, tok = smollm
     ids = chat_ids(tok, "Write a Python function that encodes a dict as JSON with sorted keys.")
-    ref = model.generate(ids, max_new_tokens=64, do_sample=False)
+    ref = model.generate(ids, max_new_tokens=48, do_sample=False)
     outs = []
     for name in ("one", "s4"):
         with Datastore.open(stores / name) as ds:
             corpus = [d for d in ds.drafters(model.config.vocab_size) if d.name == "corpus"]
-            outs.append(generate(model, ids, max_new_tokens=64, drafters=corpus, budget=16))
+            outs.append(generate(model, ids, max_new_tokens=48, drafters=corpus, budget=16))
     assert torch.equal(outs[0].sequences, ref) and torch.equal(outs[1].sequences, ref)
     assert outs[0].stats.accepted_per_drafter == outs[1].stats.accepted_per_drafter
     assert outs[0].stats.steps == outs[1].stats.steps
