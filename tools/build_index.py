@@ -177,10 +177,15 @@ def build_sharded_cli(args, corpus: Path, out: Path, fields, exclude, skipped) -
     tokenizer = load_tokenizer(args.model)
     common = dict(corpus=corpus, fields=fields, exclude=exclude, runner=runner, progress=not args.quiet,
                   skipped=skipped)
-    if args.append:
-        stats = append_sharded(out, tokenizer, **common)
-    else:
-        stats = build_sharded(out, tokenizer, args.shards, **common)
+    try:
+        if args.append:
+            stats = append_sharded(out, tokenizer, **common)
+        else:
+            stats = build_sharded(out, tokenizer, args.shards, **common)
+    except ConnectionError as e:
+        die(f"could not reach the Ray cluster at {args.ray_address}: {e}. Is it running (ray status --address "
+            f"{args.ray_address})? A cluster with token authentication (Ray's default) also needs "
+            "RAY_AUTH_MODE=token here and its token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
     print(sharded_summary(stats, out))
 
 
