@@ -33,16 +33,27 @@ class GenerationStats:
     accepted_per_drafter: dict[str, int] = field(default_factory=dict)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    predicted_step_seconds: list[float] = field(default_factory=list)  # cost model's forecast, per step
+    measured_step_seconds: list[float] = field(default_factory=list)  # wall time, per step (automatic budget only)
 
     @property
     def mean_accepted(self) -> float:
         return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def prediction_error(self) -> float:
+        """Median over steps of |predicted - measured| / measured step time (nan if none)."""
+        p, m = np.array(self.predicted_step_seconds), np.array(self.measured_step_seconds)
+        return float(np.median(np.abs(p - m) / m)) if len(m) else float("nan")
 
     def summary(self) -> str:
         by = ", ".join(f"{k} {v}" for k, v in self.accepted_per_drafter.items()) or "none"
         return (
             f"{self.new_tokens} tokens in {self.steps} steps, {self.mean_accepted:.2f} tokens/step; "
             f"accepted drafts by source: {by}; drafting {self.draft_seconds:.3f}s, verifying {self.verify_seconds:.3f}s"
+            + (f"; step time predicted {sum(self.predicted_step_seconds):.3f}s, measured "
+               f"{sum(self.measured_step_seconds):.3f}s (median error {100 * self.prediction_error:.0f}%)"
+               if self.measured_step_seconds else "")
         )
 
 
@@ -183,6 +194,7 @@ def generate(
         drafters = _default_drafters(model, references, tokenizer, datastore)
         calibrator = online_state(model, datastore).calibrator
     costs = CostModel.of(model) if budget is None else None
+    drafting = "+".join(d.name for d in drafters)  # host time per step is learned per drafter set
     eos = _eos_ids(model, eos_token_id)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) if do_sample else None
@@ -205,7 +217,7 @@ def generate(
         while not done:
             t0 = time.perf_counter()
             tree, proposed = _propose(drafters, tokens[:length], budget, end - length - 1, calibrator,
-                                      costs.table(length) if costs is not None else None)
+                                      costs.step_table(length, drafting) if costs is not None else None)
             t1 = time.perf_counter()
             path, bonus, rows = _verify(model, cache, tree, int(tokens[length - 1]), length - 1, sampling, want_topk)
             t2 = time.perf_counter()
@@ -222,15 +234,29 @@ def generate(
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += t2 - t1
             _learn(drafters, proposed, tokens[:length], len(new), rows, calibrator)
+            if costs is not None:
+                _time_step(costs, stats, length - len(new), len(tree), drafting, t0, t1, t2)
             if streamer is not None:
                 streamer.put(torch.tensor(new))
     if streamer is not None:
         streamer.end()
+    if costs is not None:
+        costs.save()
     stats.new_tokens = length - prompt_len
     if datastore is not None:
         datastore.commit(tokens[prompt_len:length])
     sequences = torch.from_numpy(tokens[:length].astype(np.int64)).view(1, -1).to(input_ids.device)
     return GenerationOutput(sequences=sequences, stats=stats, spans=spans)
+
+
+def _time_step(costs: CostModel, stats: GenerationStats, context: int, nodes: int, drafting: str,
+               t0: float, t1: float, t2: float) -> None:
+    """Record the step's predicted and measured time, then teach ``costs`` what it took: the
+    verification (t1 to t2) and the host time around it (the rest, up to now)."""
+    total = time.perf_counter() - t0
+    stats.predicted_step_seconds.append(costs.predict_seconds(context, nodes, drafting))
+    stats.measured_step_seconds.append(total)
+    costs.observe(context, nodes, t2 - t1, host_seconds=total - (t2 - t1), drafting=drafting)
 
 
 @dataclass
