@@ -324,11 +324,33 @@ class CostModel:
         if given, ``host_seconds`` of everything else in the step for the drafter set ``drafting``."""
         b, learner = self._learner(context)
         if host_seconds is not None:
-            self._hosts.setdefault(drafting, HostLearner()).observe(
-                nodes, host_seconds / math.exp(learner.log_seconds(0)))
+            self.observe_host(context, nodes, host_seconds, drafting)
         learner.observe(nodes, seconds)
         self._tables.pop(b, None)
         self._dirty.add(b)
+
+    def observe_host(self, context: int, nodes: int, seconds: float, drafting: str) -> float:
+        """Fold in ``seconds`` of host time of one step of ``nodes`` nodes for the drafter set
+        ``drafting``; returns it in units of a 0-node forward at ``context`` (d of this step)."""
+        _, learner = self._learner(context)
+        units = seconds / math.exp(learner.log_seconds(0))
+        self._hosts.setdefault(drafting, HostLearner()).observe(nodes, units)
+        return units
+
+    def report(self) -> dict:
+        """What the model holds now, for benchmark records: per bucket loaded, the measured
+        curve, the learned one and the machine's level; per drafter set, d(n) = d0 + d1 n."""
+        return {
+            "sizes": list(SIZES),
+            "buckets": {str(b): {"measured": [round(c, 4) for c in self._priors[b].costs],
+                                 "measured_spread": round(self._priors[b].spread, 4),
+                                 "seconds0_measured": self._priors[b].seconds0,
+                                 "learned": [round(c, 4) for c in learner.costs().tolist()],
+                                 "seconds0_now": math.exp(learner.log_seconds(0)),
+                                 "observations": int(learner.counts.sum())}
+                        for b, learner in sorted(self._learners.items())},
+            "overhead": {k: dict(zip(("d0", "d1"), h.line())) for k, h in sorted(self._hosts.items())},
+        }
 
     def save(self, force: bool = False) -> None:
         """Write the learned state of every bucket observed since the last write to the cache
