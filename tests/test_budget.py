@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -251,3 +252,21 @@ def test_drafting_time_per_node_shrinks_the_budget_and_a_fixed_part_does_not():
     assert choose_budget(scores, CPU_LIKE, 2.0) >= base
     assert choose_budget(np.array([0.3, 0.3]), curve(1 + 0.4 * np.asarray(SIZES)), 0.0) == 0
     assert choose_budget(np.array([0.3, 0.3]), curve(1 + 0.4 * np.asarray(SIZES)), 3.0) > 0
+
+
+def test_generate_recovers_from_a_poisoned_cache_learns_and_reports_its_predictions(quick_measure):
+    from retrodraft.decode import generate
+
+    model = tiny_model("llama")
+    path = write_cache(model, 20, [1, 5.47, 1.0, 6.98, 1, 1, 1, 1, 1, 1, 1, 1, 0.91])  # the curve
+    ids = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3]])
+    want = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = generate(model, ids, max_new_tokens=24, eos_token_id=[])
+    assert out.sequences.tolist() == want.tolist()
+    stats = out.stats
+    assert len(stats.predicted_step_seconds) == len(stats.measured_step_seconds) == stats.steps
+    assert np.isfinite(stats.prediction_error) and "predicted" in stats.summary()
+    data = json.loads(path.read_text())
+    validated(data)  # re-measured, then saved with what the steps taught it
+    assert sum(data["learned"]["counts"]) == stats.steps
+    assert sane(np.asarray(data["learned_costs"]))

@@ -52,6 +52,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from retrodraft.tools.threads import passive_openmp
+
+passive_openmp()  # before torch: see tools/threads.py
+
 import numpy as np
 import torch
 from tqdm import tqdm

@@ -12,6 +12,10 @@ from __future__ import annotations
 import argparse
 import time
 
+from retrodraft.tools.threads import passive_openmp
+
+passive_openmp()  # before torch: see tools/threads.py
+
 from retrodraft.decode import generate, load_model
 from retrodraft.decode.budget import CostModel
 from retrodraft.tools.generate import chat_prompt
