@@ -31,12 +31,14 @@ from tqdm import tqdm
 from retrodraft.decode.costfit import PRIOR_WEIGHT, CurveLearner, HostLearner, isotonic
 from retrodraft.decode.model import cache_dir
 from retrodraft.decode.tree_attention import new_cache, verification_kernels, tree_inputs, truncate_cache
+from retrodraft.retrieval.config import DEFAULT
+from retrodraft.retrieval.speculator import choose_budget  # noqa: F401  (numpy only, so it lives with the Speculator)
 from retrodraft.retrieval.tree import DraftTree
 
 logger = logging.getLogger(__name__)
 
-SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-BUCKETS = (256, 1024, 4096)
+SIZES = DEFAULT.cost_sizes  # reasons for both in SpeculationConfig
+BUCKETS = DEFAULT.cost_contexts
 VERIFY_PATH = 4  # bumped when the verification forward changes, so cached curves are re-measured
 CACHE_FORMAT = 2  # the cache file's layout (2: spread, seconds of a 0-node step and the learned state)
 ROUNDS = 9  # interleaved rounds over all sizes (after one warm-up round)
@@ -59,28 +61,6 @@ class CostCurve:
     def table(self) -> np.ndarray:
         """float64 [max_nodes + 1]: c(n) for n = 0 .. max(sizes)."""
         return np.interp(np.arange(self.sizes[-1] + 1), self.sizes, self.costs)
-
-
-def choose_budget(scores: np.ndarray, curve: np.ndarray, overhead: float | np.ndarray = 0.0) -> int:
-    """Number of nodes to verify: argmax over n of (1 + sum of the n best scores) / (c(n) + d(n)).
-
-    scores: path scores of the candidate tree (any order); curve: c(n) for n = 0.. (see
-    CostCurve.table); overhead: d(n), the step's host time (drafting, fusion, bookkeeping)
-    in units of a 0-node forward, a number or one per n like ``curve``. A fixed d makes
-    larger trees relatively cheaper; a d that grows with n makes them dearer. A tree of n
-    nodes can always be padded with further candidates, so the cost of n is the cheapest
-    over m >= n; when a larger m is that cheap, the best m candidates are sent rather than
-    n, since they come at no extra cost.
-    """
-    n_max = min(len(scores), len(curve) - 1)
-    if n_max == 0:
-        return 0
-    cost = curve[: n_max + 1] + (overhead[: n_max + 1] if np.ndim(overhead) else overhead)
-    gain = 1.0 + np.concatenate(([0.0], np.cumsum(np.sort(scores)[::-1][:n_max])))
-    cheapest_from = np.minimum.accumulate(cost[::-1])[::-1]  # min cost(m), m >= n
-    n = int(np.argmax(gain / cheapest_from))
-    tail = cost[n:]
-    return n + int(np.flatnonzero(tail == tail.min())[-1]) if n else 0
 
 
 def _key(model, context: int) -> str:
@@ -126,7 +106,7 @@ def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int
     out = np.empty((rounds + 1, len(sizes)))
     with kernels(model), tqdm(total=out.size, desc=desc, disable=desc is None, leave=False) as bar:
         model.base_model(input_ids=torch.randint(0, vocab, (1, context), generator=gen).to(device),
-                         past_key_values=cache, use_cache=True)
+                         cache=cache, use_cache=True)
         inputs = []
         for n in sizes:
             chain = DraftTree.build(torch.randint(0, vocab, (n,), generator=gen).numpy(), np.arange(n) - 1,
@@ -137,7 +117,7 @@ def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int
                 _sync(device)
                 t = time.perf_counter()
                 h = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                                     past_key_values=cache, use_cache=True).last_hidden_state
+                                     cache=cache, use_cache=True).last_hidden_state
                 head(h).argmax(-1)
                 _sync(device)
                 out[r, i] = time.perf_counter() - t
@@ -292,7 +272,7 @@ class CostModel:
         return b, self._learners[b]
 
     def table(self, context: int) -> np.ndarray:
-        """float64 [65]: c(n) for n = 0..64 at this context length, as learned so far
+        """float64 [max(SIZES) + 1]: c(n) for n = 0..max(SIZES) at this context length, as learned so far
         (c(0) = 1, non-decreasing). Memoised until the next ``observe``."""
         b, learner = self._learner(context)
         if b not in self._tables:
@@ -300,13 +280,13 @@ class CostModel:
         return self._tables[b]
 
     def overhead(self, drafting: str) -> np.ndarray:
-        """float64 [65]: d(n), host time per step of the drafter set named ``drafting`` in units
+        """float64 [max(SIZES) + 1]: d(n), host time per step of the drafter set named ``drafting`` in units
         of a 0-node forward (zeros until it has been observed)."""
         host = self._hosts.get(drafting)
         return host.overhead(SIZES[-1]) if host else np.zeros(SIZES[-1] + 1)
 
     def step_table(self, context: int, drafting: str) -> np.ndarray:
-        """float64 [65]: c(n) + d(n), a whole step's cost, what ``choose_budget`` weighs."""
+        """float64 [max(SIZES) + 1]: c(n) + d(n), a whole step's cost, what ``choose_budget`` weighs."""
         return self.table(context) + self.overhead(drafting)
 
     def predict_seconds(self, context: int, nodes: int, drafting: str | None = None) -> float:

@@ -18,10 +18,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from retrodraft.decode.acceptance import accept_greedy
-from retrodraft.decode.budget import SIZES, CostModel
-from retrodraft.decode.generation import _learn, _propose
+from retrodraft.decode.budget import CostModel
 from retrodraft.retrieval.calibration import Calibrator
+from retrodraft.retrieval.config import DEFAULT, SpeculationConfig
 from retrodraft.retrieval.drafters import Drafter
+from retrodraft.retrieval.speculator import Speculator
 
 
 @dataclass
@@ -48,7 +49,7 @@ def load_traces(path: str | Path) -> list[Trace]:
 
 def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
            cost_table: np.ndarray | None = None, calibrator: Calibrator | None = None,
-           costs: CostModel | None = None) -> tuple[int, int, float]:
+           config: SpeculationConfig = DEFAULT, costs: CostModel | None = None) -> tuple[int, int, float]:
     """(steps, new tokens, step cost) of greedy speculative decoding of ``trace``.
 
     budget: fixed nodes per step, or None with ``cost_table`` (c(n), as
@@ -62,35 +63,39 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
     Drafters that need top-k learn from the recorded top-k of the accepted rows only (the
     trace has no top-k for rejected nodes, which a real run also feeds them).
     """
-    if budget is None and cost_table is None and costs is None:
-        raise ValueError("pass a budget, or a cost table or cost model for the automatic budget")
     drafting = "replay:" + "+".join(d.name for d in drafters)
+    if costs is not None:
+        cost_table = None  # the model's, per context length, is used instead
+
+        def step_cost(length: int) -> np.ndarray:
+            return costs.step_table(length, drafting)
+
+    spec = Speculator(drafters, calibrator, budget=budget, cost=step_cost if costs is not None else cost_table,
+                      config=config)
     tokens = np.concatenate([trace.prompt, trace.output])
     prompt_len, end = len(trace.prompt), len(tokens)
     length, steps, cost = prompt_len, 0, 0.0
     while length < end:
         t0 = time.perf_counter()
+        tree = spec.propose(tokens[:length], room=end - length)
         if costs is not None:
-            cost_table = costs.step_table(length, drafting)
-        tree, proposed = _propose(drafters, tokens[:length], budget, end - length - 1, calibrator, cost_table)
-        if costs is not None:
-            cost += float(costs.table(length)[min(len(tree), SIZES[-1])])
+            table = costs.table(length)
+            cost += float(table[min(len(tree), len(table) - 1)])
         elif cost_table is not None:
             cost += float(cost_table[min(len(tree), len(cost_table) - 1)])
         truth = tokens[length:]
         # The target's argmax at each tree row is the recorded token at that depth.
         argmax_rows = truth[np.concatenate(([0], np.minimum(tree.depths(), len(truth) - 1)))]
         path, _ = accept_greedy(tree, argmax_rows)
-        new = tokens[length : length + len(path) + 1]  # int32, like generate's emitted tokens
         rows = None
-        if any(d.needs_topk for d in drafters):
+        if spec.needs_topk:
             # rows: the root and the accepted nodes; topk[i] is what the target ranked for output[i]
             at = np.arange(length, length + len(path) + 1) - prompt_len
             rows = np.concatenate([tokens[length - 1 : length + len(path), None], trace.topk[at]], axis=1)
         context = length
-        length += len(new)
+        length += len(path) + 1
         steps += 1
-        _learn(drafters, proposed, tokens[:length], len(new), rows, calibrator)
+        spec.observe(tokens[:length], len(path) + 1, rows)
         if costs is not None:
             cost += costs.observe_host(context, len(tree), time.perf_counter() - t0, drafting)
     return steps, end - prompt_len, cost
@@ -103,7 +108,7 @@ def replay_all(traces: Sequence[Trace], make_drafters: Callable[[], Sequence[Dra
     tokens / summed cost, or 0 without a cost table or model), pooled over traces."""
     totals: dict[str, list[float]] = {}
     for t in traces:
-        steps, new, cost = replay(t, make_drafters(), budget, cost_table, calibrator, costs)
+        steps, new, cost = replay(t, make_drafters(), budget, cost_table, calibrator, costs=costs)
         for key in (t.category, "overall"):
             s = totals.setdefault(key, [0, 0, 0.0])
             s[0] += steps
