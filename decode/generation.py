@@ -168,10 +168,13 @@ def generate(
     seed:       fixes the random stream of sampling. The distribution is exact whatever the
                 drafts, but which sample a seed gives depends on the drafts too, and the
                 default drafters learn between calls: for a repeatable sample pass the
-                same stateless ``drafters`` (or ``drafters=[]``).
+                same stateless ``drafters`` (or ``drafters=[]``). A seeded call does not
+                teach the cost model its step times (they would change the next call's
+                budgets, so its trees and its sample), and reports no predicted step times.
     budget:     draft tree nodes verified per step. None chooses each step's size from the
-                drafts' scores and this hardware's measured cost curve c(n) (see
-                decode.budget; measured once per model and device, a few seconds, then cached).
+                drafts' scores and this hardware's cost of a step, c(n) + d(n) (see
+                decode.budget: measured once per model and device, cached, then learned
+                from every step's time, so the sizes follow the machine's load).
     config:     the speculation knobs (``retrieval.SpeculationConfig``).
     Stops after max_new_tokens tokens or at the first EOS (``eos_token_id`` or the model's).
     """
@@ -188,7 +191,7 @@ def generate(
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) if do_sample else None
     tokens, length, stats = _decode(model, input_ids, max_new_tokens, spec, sampling, _eos_ids(model, eos_token_id),
-                                    streamer, costs, drafting)
+                                    streamer, costs if seed is None else None, drafting)
     prompt_len = input_ids.shape[1]
     if datastore is not None:
         datastore.commit(tokens[prompt_len:length])
