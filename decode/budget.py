@@ -198,6 +198,15 @@ def bucket(context: int) -> int:
     return min(BUCKETS, key=lambda b: abs(np.log(b) - np.log(max(context, 1))))
 
 
+def _check_step(context, nodes, seconds, what: str = "seconds") -> None:
+    if not isinstance(context, (int, np.integer)) or context < 1:
+        raise ValueError(f"context must be a positive token count, got {context!r}")
+    if not isinstance(nodes, (int, np.integer)) or nodes < 0:
+        raise ValueError(f"nodes must be an int >= 0 (draft nodes verified), got {nodes!r}")
+    if not isinstance(seconds, (int, float, np.floating)) or not 0 <= seconds < math.inf:
+        raise ValueError(f"{what} must be a finite time >= 0, got {seconds!r}")
+
+
 class CostModel:
     """The cost of a generation step for one model, per context bucket: the measured curve
     (read from the disk cache, or measured and written there), corrected by every step
@@ -302,6 +311,9 @@ class CostModel:
         """Fold in one step of ``generate``: ``nodes`` draft nodes verified after ``context``
         tokens in ``seconds`` (tree inputs, forward, LM head, acceptance, cache compaction) and,
         if given, ``host_seconds`` of everything else in the step for the drafter set ``drafting``."""
+        _check_step(context, nodes, seconds)
+        if host_seconds is not None:
+            _check_step(context, nodes, host_seconds, "host_seconds")
         b, learner = self._learner(context)
         if host_seconds is not None:
             self.observe_host(context, nodes, host_seconds, drafting)
@@ -312,6 +324,7 @@ class CostModel:
     def observe_host(self, context: int, nodes: int, seconds: float, drafting: str) -> float:
         """Fold in ``seconds`` of host time of one step of ``nodes`` nodes for the drafter set
         ``drafting``; returns it in units of a 0-node forward at ``context`` (d of this step)."""
+        _check_step(context, nodes, seconds, "host seconds")
         _, learner = self._learner(context)
         units = seconds / math.exp(learner.log_seconds(0))
         self._hosts.setdefault(drafting, HostLearner()).observe(nodes, units)

@@ -270,3 +270,18 @@ def test_generate_recovers_from_a_poisoned_cache_learns_and_reports_its_predicti
     validated(data)  # re-measured, then saved with what the steps taught it
     assert sum(data["learned"]["counts"]) == stats.steps
     assert sane(np.asarray(data["learned_costs"]))
+
+
+@pytest.mark.parametrize("bad", [dict(context=0), dict(nodes=-1), dict(nodes=2.5), dict(seconds=float("nan")),
+                                 dict(seconds=-1.0), dict(host_seconds=float("inf"))])
+def test_a_bad_observation_is_a_clear_error_and_changes_nothing(quick_measure, bad):
+    model = tiny_model("llama")
+    write_cache(model, 100, TRUE_COSTS)
+    costs = CostModel(model)
+    before = costs.table(100).copy()
+    step = dict(context=100, nodes=4, seconds=0.1, host_seconds=0.01, **{})
+    step.update(bad)
+    with pytest.raises(ValueError, match="must be"):
+        costs.observe(step["context"], step["nodes"], step["seconds"], host_seconds=step["host_seconds"])
+    np.testing.assert_array_equal(costs.table(100), before)
+    assert costs.overhead("")[0] == 0

@@ -41,6 +41,7 @@ predicts (tokens / summed c(n) + d, in 0-node forwards) and the calibration erro
 from __future__ import annotations
 
 import argparse
+import logging
 import contextlib
 import json
 import subprocess
@@ -375,6 +376,7 @@ def replay(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # cost curve news
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("run", "record", "replay", "-h", "--help"):
         argv = ["run", *argv]  # `run` is the default command

@@ -17,6 +17,7 @@ measured; with what earlier runs' steps taught it).
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 
 
@@ -51,6 +52,7 @@ def row(label: str, values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # cost curve news
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="local HF model directory (default SmolLM2-135M-Instruct)")
     ap.add_argument("--context", type=int, default=1024, help="cached tokens before the forward (default 1024)")
