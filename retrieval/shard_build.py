@@ -134,8 +134,8 @@ def run_locally(jobs: list[ShardJob], root: str, tokenizer) -> Iterator[ShardRes
 def ray_runner(address: str | None = None, workers: int | None = None) -> Runner:
     """A runner that builds shards as Ray tasks (one CPU each).
 
-    ``address`` None starts a local Ray instance with ``workers`` CPUs (default: all cores);
-    otherwise connects to that cluster ("auto", "ray://host:10001", "host:6379"), whose
+    ``address`` None starts a new local Ray instance with ``workers`` CPUs (default: all
+    cores), even where a cluster started by ``ray start`` runs on this machine; otherwise connects to that cluster ("auto", "ray://host:10001", "host:6379"), whose
     nodes must all see the datastore's path (a shared file system) and have retrodraft
     installed. Raises ModuleNotFoundError, saying how to install it, if Ray is missing.
     """
@@ -156,7 +156,7 @@ def ray_runner(address: str | None = None, workers: int | None = None) -> Runner
                "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
         local = {"num_cpus": workers or os.cpu_count(), "object_store_memory": 1 << 28,
                  "include_dashboard": False} if address is None else {}
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, **local)
+        ray.init(address=address or "local", runtime_env={"env_vars": env}, log_to_driver=False, **local)
         try:
             task = ray.remote(num_cpus=1, max_retries=0)(run_job)
             tok = ray.put(tokenizer)
