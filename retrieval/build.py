@@ -143,7 +143,7 @@ def _pieces_of(documents: Iterable[Document], rows: list, path_ids: dict, bar, t
         rows.append((path_ids.setdefault(doc.path, len(path_ids)), doc.index))
         bar.update()
         held = None
-        for p in pieces(doc.text):
+        for p in pieces(doc.text, PIECE_CHARS):
             if held is not None:
                 yield held, False
             held = p
