@@ -14,7 +14,7 @@ from retrodraft.decode import generate
 from retrodraft.retrieval import Datastore, TokenizerMismatchError
 from retrodraft.retrieval.store import ONLINE_STATE
 from test_store import DOCS_A
-from test_store_hardening import tok  # noqa: F401 (fixture: a word-level tokenizer of < 64 ids)
+from test_store_hardening import tok, tok_dir  # noqa: F401 (fixtures: a word-level tokenizer of < 64 ids)
 
 PROMPT = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2]])
 
@@ -39,15 +39,17 @@ def store(tmp_path, tok):
 # ---- 4. a finished generation discarded ------------------------------------------------------------
 
 
-def test_item4_output_survives_a_datastore_replaced_during_the_call(model, store):
+def test_item4_output_survives_a_datastore_replaced_during_the_call(model, store, tok_dir):
     # Another process rebuilds the datastore after this one opened it, as an append during the call would.
     code = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
-        from retrodraft.decode import load_tokenizer
+        from transformers import PreTrainedTokenizerFast
         from retrodraft.retrieval import Datastore, Document
-        Datastore.build(sys.argv[1], [Document("/n.txt", 0, "new text")], load_tokenizer(), progress=False).close()
+        tok = PreTrainedTokenizerFast.from_pretrained(sys.argv[2])
+        Datastore.build(sys.argv[1], [Document("/n.txt", 0, "add a b")], tok, progress=False).close()
     """)
-    p = subprocess.run([sys.executable, "-c", code, str(store.path)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-c", code, str(store.path), str(tok_dir)], capture_output=True, text=True,
+                       timeout=120)
     assert p.returncode == 0, p.stderr
     with pytest.warns(RuntimeWarning, match="not saved.*rebuilt or appended to"):
         out = generate(model, PROMPT, max_new_tokens=8, datastore=store)
