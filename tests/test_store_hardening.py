@@ -33,7 +33,6 @@ from retrodraft.retrieval import (
     tokenizer_fingerprint,
 )
 from retrodraft.retrieval import build as build_mod
-from retrodraft.retrieval.errors import DatastorePermissionError
 from retrodraft.retrieval.store import ONLINE_STATE
 from test_store import DOCS_A, DOCS_B, ROOT, digest
 
@@ -418,6 +417,8 @@ def test_item14_writing_without_permission_is_one_clear_error(tmp_path, tok):
     lines = p.stdout.splitlines()
     assert len(lines) == 2 and all(ln.startswith("DatastorePermissionError | ") for ln in lines)
     assert "readonly=True" in lines[0] and "another --out" in lines[1]
+    from retrodraft.retrieval.errors import DatastorePermissionError
+
     assert issubclass(DatastorePermissionError, PermissionError)
 
 
