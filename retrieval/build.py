@@ -313,7 +313,13 @@ def tidy(path: Path) -> None:
 
 
 def tidy_if_idle(path: Path) -> None:
-    """``tidy`` if no writer holds ``PATH.lock`` and this process may write beside ``path``; else nothing."""
+    """``tidy`` if no writer holds ``PATH.lock`` and this process may write beside ``path``; else nothing.
+
+    Only for a datastore, or a missing path with a version left aside: opening anything else
+    leaves no lock file beside it.
+    """
+    if read_marker(path) is None and not glob.glob(glob.escape(str(path)) + ASIDE + "*"):
+        return
     try:
         fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:

@@ -446,3 +446,11 @@ def test_item16_rebuild_says_it_drops_the_learned_state_or_keeps_it(tmp_path, to
         assert ds.stats.state == "carried" and ds.load_state("s")["a"].tolist() == [0, 1, 2]
     with build(path, tok, DOCS_A) as ds:
         assert ds.stats.state == "dropped" and ds.load_state("s") is None
+
+
+def test_item16_opening_what_is_not_a_datastore_leaves_nothing_beside_it(tmp_path):
+    (tmp_path / "plain").mkdir()
+    for name in ("plain", "nothing"):
+        with pytest.raises((FileNotFoundError, DatastoreError)):
+            Datastore.open(tmp_path / name)
+    assert [p.name for p in tmp_path.iterdir()] == ["plain"]
