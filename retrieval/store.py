@@ -17,7 +17,7 @@ import lmdb
 import numpy as np
 
 from retrodraft.retrieval.arrow_files import map_arrays
-from retrodraft.retrieval.build import BuildStats, tidy_if_idle, tokenizer_info, write_version
+from retrodraft.retrieval.build import BuildStats, tokenizer_info, write_version
 from retrodraft.retrieval.calibration import Calibrator
 from retrodraft.retrieval.corpus import Document, SkipCounts
 from retrodraft.retrieval.drafters import CorpusDrafter, Drafter
@@ -35,6 +35,7 @@ from retrodraft.retrieval.layout import (
     BUILD, DBS, FORMAT_VERSION, MAP_SIZE, REBUILD, check_lmdb_header, check_marker, key, pack, unpack,
 )
 from retrodraft.retrieval.online import OnlineState
+from retrodraft.retrieval.swap import tidy_if_idle
 
 log = logging.getLogger(__name__)
 

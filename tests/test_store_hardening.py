@@ -11,13 +11,11 @@ import json
 import logging
 import os
 import signal
-import stat
 import struct
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import lmdb
@@ -33,6 +31,7 @@ from retrodraft.retrieval import (
     tokenizer_fingerprint,
 )
 from retrodraft.retrieval import build as build_mod
+from retrodraft.retrieval import swap
 from retrodraft.retrieval.store import ONLINE_STATE
 from test_store import DOCS_A, DOCS_B, ROOT, digest
 
@@ -190,8 +189,8 @@ KILL_AT_RENAME = """
 import os, signal
 from transformers import PreTrainedTokenizerFast
 from retrodraft.retrieval import Datastore, Document
-from retrodraft.retrieval import build
-build._exchange = lambda a, b: False  # as on macOS or NFS
+from retrodraft.retrieval import swap
+swap._exchange = lambda a, b: False  # as on macOS or NFS
 real, calls = os.rename, []
 def rename(a, b):
     calls.append((a, b))
@@ -220,7 +219,7 @@ def test_item3_fallback_swap_killed_between_renames_keeps_a_datastore(tmp_path, 
 
 
 def test_item3_fallback_swap_replaces_like_the_exchange(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(build_mod, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(swap, "_exchange", lambda a, b: False)
     path = tmp_path / "ds"
     build(path, tok).close()
     (path / "notes.txt").write_text("mine")
