@@ -7,6 +7,7 @@ from retrodraft.retrieval.build import BuildStats, tokenizer_fingerprint
 from retrodraft.retrieval.errors import (
     CorruptDatastoreError,
     DatastoreError,
+    DatastorePermissionError,
     FormatVersionError,
     IncompleteDatastoreError,
     ReadOnlyDatastoreError,
@@ -20,7 +21,7 @@ from retrodraft.retrieval.tree import DraftTree, fuse, prune
 __all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter", "Speculator", "SpeculationConfig",
            "LookupSettings", "Span", "choose_budget"]
 __all__ += [
-    "Datastore", "DatastoreError", "CorruptDatastoreError", "FormatVersionError", "IncompleteDatastoreError",
+    "Datastore", "DatastoreError", "DatastorePermissionError", "CorruptDatastoreError", "FormatVersionError", "IncompleteDatastoreError",
     "ReadOnlyDatastoreError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
     "Document", "EmptyCorpusError", "SkipCounts", "iter_documents",
 ]

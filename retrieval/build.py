@@ -26,7 +26,10 @@ from retrodraft.index import suffix_array
 from retrodraft.retrieval.arrow_files import fsync, write_arrow
 from retrodraft.retrieval.corpus import Document, EmptyCorpusError, SkipCounts
 from retrodraft.retrieval.drafters import join_documents
-from retrodraft.retrieval.layout import DBS, FORMAT_VERSION, MAP_SIZE, MARKER, key, marker_bytes, pack, unpack
+from retrodraft.retrieval.errors import DatastoreError
+from retrodraft.retrieval.layout import (
+    DBS, FORMAT_VERSION, MAP_SIZE, MARKER, check_lmdb_header, key, marker_bytes, pack, unpack,
+)
 from retrodraft.retrieval.swap import carry_user_files, check_replaceable, make_build_dir, swap_in, tidy, writer_lock
 
 if TYPE_CHECKING:
@@ -260,9 +263,10 @@ def write_version(path: Path, base: Datastore | None, documents, tokenizer, prog
 def _has_state(path: Path) -> bool:
     """Whether the datastore at ``path`` (about to be replaced) holds learned state."""
     try:
+        check_lmdb_header(path / "meta.lmdb" / "data.mdb", path)
         env = lmdb.open(str(path / "meta.lmdb"), readonly=True, lock=False, max_dbs=len(DBS), map_size=MAP_SIZE,
                         create=False)
-    except lmdb.Error:
+    except (lmdb.Error, DatastoreError):
         return False
     try:
         with env.begin() as txn:

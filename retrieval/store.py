@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -203,9 +204,9 @@ class Datastore:
                 f"({self.tokenizer_name!r}); rebuild it with this model's: "
                 f"python tools/build_index.py CORPUS --model MODEL --out {self.path}"
             )
-        if tokenizer is not None and id(tokenizer) not in self._checked:
+        if tokenizer is not None and tokenizer not in self._checked:
             self.check_tokenizer(tokenizer)
-            self._checked.add(id(tokenizer))
+            self._checked.add(tokenizer)
 
     def check_tokenizer(self, tokenizer) -> None:
         """Raise TokenizerMismatchError, naming both tokenizers, unless ``tokenizer`` is the datastore's."""
@@ -373,7 +374,7 @@ class Datastore:
         self._online: OnlineState | None = None
         self._outputs: list[np.ndarray] = []
         self._env, self._arrays = None, None
-        self._checked: set[int] = set()  # ids of tokenizers check_model has verified
+        self._checked = weakref.WeakSet()  # tokenizers check_model has verified
         if not path.is_dir():
             raise FileNotFoundError(f"no datastore at {path}: build one with: {BUILD.format(path)}")
         check_marker(path)
@@ -407,7 +408,9 @@ class Datastore:
             meta = json.loads(unpack(raw, "the metadata record", self.path, b"meta"))
             version = meta["format_version"]
             counts_match = entries[b"docs"] == meta["documents"] and entries[b"paths"] <= meta["documents"]
-            meta["files"], meta["tokenizer"]["fingerprint"], meta["max_token"]  # noqa: B018 (all present)
+            missing = [k for k in ("files", "tokenizer", "max_token", "tokens", "history") if k not in meta]
+            if missing or "fingerprint" not in meta["tokenizer"]:
+                raise KeyError(missing or "tokenizer fingerprint")
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptDatastoreError(f"the metadata in {self.path} is unreadable ({e}); {REBUILD.format(self.path)}")
         if version != FORMAT_VERSION:
