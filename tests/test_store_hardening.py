@@ -10,6 +10,7 @@ impossible.
 import json
 import logging
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -38,8 +39,7 @@ from test_store import DOCS_A, DOCS_B, ROOT, digest
 NOBODY = 65534
 
 
-@pytest.fixture(scope="module")
-def tok():
+def wordlevel():
     """A word-level tokenizer trained on the test documents: real, and fast to fingerprint."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -48,6 +48,11 @@ def tok():
     t.pre_tokenizer = pre_tokenizers.Whitespace()
     t.train_from_iterator([d.text for d in DOCS_A + DOCS_B], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
     return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", name_or_path="tiny-wordlevel")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return wordlevel()
 
 
 @pytest.fixture(scope="module")
@@ -232,14 +237,30 @@ def test_item3_fallback_swap_replaces_like_the_exchange(tmp_path, tok, monkeypat
 # ---- 5, 6. damaged LMDB: a signal, or wrong values --------------------------------------------------
 
 OPEN_REPORT = """
+import json
 from retrodraft.retrieval import Datastore, DatastoreError
-try:
-    with Datastore.open(sys.argv[1]) as ds:
-        [ds.document(i) for i in range(ds.num_documents)]
-    print("opened")
-except DatastoreError as e:
-    print(type(e).__name__, e)
+out = {}
+for path in sys.argv[1:]:
+    try:
+        with Datastore.open(path) as ds:
+            [ds.document(i) for i in range(ds.num_documents)]
+        out[path] = "opened"
+    except DatastoreError as e:
+        out[path] = f"{type(e).__name__} {e}"
+print(json.dumps(out))
 """
+
+DAMAGE = {  # what: (byte of the meta page LMDB reads to flip, or None; length to truncate to, or None)
+    "truncated to 1 page": (None, 4096),
+    "truncated mid-file": (None, 20000),
+    "truncated by a byte": (None, -1),
+    "meta page flags": (10, None),
+    "map size": (36, None),
+    "page size": (41, None),
+    "main root page": (128, None),
+    "last page number": (136, None),
+    "transaction id": (144, None),
+}
 
 
 def _damage_data_mdb(path: Path, offset: int | None, size: int | None) -> None:
@@ -252,23 +273,19 @@ def _damage_data_mdb(path: Path, offset: int | None, size: int | None) -> None:
     f.write_bytes(bytes(data[:size]))
 
 
-@pytest.mark.parametrize("what, offset, size", [
-    ("truncated to 1 page", None, 4096),
-    ("truncated mid-file", None, 20000),
-    ("truncated by a byte", None, -1),
-    ("meta page flags", 10, None),
-    ("map size", 36, None),
-    ("last page number", 136, None),
-    ("main root page", 128, None),
-    ("transaction id", 144, None),
-    ("page size", 41, None),
-])
-def test_item5_damaged_lmdb_header_is_an_error_not_a_signal(tmp_path, tok, what, offset, size):
+def test_item5_damaged_lmdb_header_is_an_error_not_a_signal(tmp_path, tok):
     build(tmp_path / "ds", tok).close()
-    _damage_data_mdb(tmp_path / "ds", offset, size)
-    p = run_child(OPEN_REPORT, tmp_path / "ds")
-    assert p.returncode == 0, f"{what}: exit {p.returncode} {p.stderr[-500:]}"
-    assert p.stdout.startswith("CorruptDatastoreError") and "data.mdb" in p.stdout and "build_index.py" in p.stdout
+    paths = {}
+    for i, (what, (offset, size)) in enumerate(DAMAGE.items()):
+        paths[what] = tmp_path / f"ds{i}"
+        shutil.copytree(tmp_path / "ds", paths[what])
+        _damage_data_mdb(paths[what], offset, size)
+    p = run_child(OPEN_REPORT, *paths.values())  # one process: a signal on any fails the test
+    assert p.returncode == 0, f"exit {p.returncode} {p.stderr[-2000:]}"
+    got = json.loads(p.stdout)
+    for what, path in paths.items():
+        msg = got[str(path)]
+        assert msg.startswith("CorruptDatastoreError") and "data.mdb" in msg and "build_index.py" in msg, (what, msg)
 
 
 def _put_raw(path: Path, db: bytes, key: bytes, change) -> None:
@@ -340,23 +357,26 @@ def test_item7_invalid_calibration_is_reset_with_a_warning(tmp_path, tok, caplog
 def test_item9_fingerprint_covers_added_tokens_and_normaliser():
     from tokenizers import normalizers
 
-    from retrodraft.decode import load_tokenizer
-
-    a, b = load_tokenizer(), load_tokenizer()
+    a, b = wordlevel(), wordlevel()
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
     a("some text", truncation=True, max_length=4)  # call settings are not the tokenizer
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
-    b.add_tokens(["return"])  # a word that already had ids: texts now tokenize differently
+    b.add_tokens(["return"])  # already in the vocabulary: same ids table, but texts tokenize differently
+    assert b.get_vocab() == a.get_vocab()
+    assert b("returns", add_special_tokens=False)["input_ids"] != a("returns", add_special_tokens=False)["input_ids"]
     assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
-    c = load_tokenizer()
+    c = wordlevel()
     c.backend_tokenizer.normalizer = normalizers.Lowercase()
     assert tokenizer_fingerprint(a) != tokenizer_fingerprint(c)
+    d = wordlevel()
+    d.add_tokens(["[NEW]"], special_tokens=True)
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(d)
 
 
 # ---- 12. memory on one huge document ---------------------------------------------------------------------
 
 
-def test_item12_long_documents_tokenize_in_pieces_to_the_same_ids(tmp_path, monkeypatch):
+def test_item12_long_documents_tokenize_in_pieces_to_the_same_ids(monkeypatch):
     from retrodraft.decode import load_tokenizer
 
     t = load_tokenizer()
@@ -364,14 +384,18 @@ def test_item12_long_documents_tokenize_in_pieces_to_the_same_ids(tmp_path, monk
     texts = [code, " ".join(code.split()), "word " * 3000 + "x" * 700 + " tail"]
     monkeypatch.setattr(build_mod, "PIECE_CHARS", 500)
     assert max(len(p) for p in build_mod.pieces(texts[0], 500)) <= 500
+    assert "".join(build_mod.pieces(texts[2], 500)) == texts[2]
+    docs = [Document("/x", i, text) for i, text in enumerate(texts)]
+    chunks, lengths, _, _ = build_mod._tokenize(docs, t, False, {})
+    stream = np.concatenate(chunks)
+    ends = np.cumsum(lengths + 1)
     for i, text in enumerate(texts):
-        with build(tmp_path / f"ds{i}", t, [Document("/x", 0, text)]) as ds:
-            whole = t(text, add_special_tokens=False)["input_ids"]
-            got = ds.tokens[:-1].tolist()
-            if i < 2:
-                assert got == whole
-            else:  # 700 characters without a space: one hard cut inside them, the rest equal
-                assert t.decode(got) == text and len(got) - len(whole) in range(-2, 3)
+        whole = t(text, add_special_tokens=False)["input_ids"]
+        got = stream[ends[i] - lengths[i] - 1 : ends[i] - 1].tolist()
+        if i < 2:
+            assert got == whole
+        else:  # 700 characters without a space: one hard cut inside them, the rest equal
+            assert t.decode(got) == text and abs(len(got) - len(whole)) <= 2
 
 
 # ---- 13, 14. read-only use, unwritable directories --------------------------------------------------------
