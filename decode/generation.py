@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -17,9 +20,14 @@ from retrodraft.decode.tree_attention import compact_cache, new_cache, verificat
 from retrodraft.retrieval.calibration import Calibrator
 from retrodraft.retrieval.config import DEFAULT, SpeculationConfig
 from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter, ReferenceDrafter, as_token_array
+from retrodraft.retrieval.errors import StaleDatastoreError
 from retrodraft.retrieval.online import OnlineState
 from retrodraft.retrieval.speculator import Span, Speculator
 from retrodraft.retrieval.tree import DraftTree
+
+MAX_BUDGET = 1024  # nodes per step a caller may ask for: the cache and mask grow with it
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,8 +81,16 @@ def _eos_ids(model, eos_token_id) -> set[int]:
     return {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _vocab_size(model) -> int:
+    return model.get_input_embeddings().num_embeddings
+
+
 def _check_inputs(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+    if not _is_int(max_new_tokens) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
         shape = list(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
@@ -83,6 +99,13 @@ def _check_inputs(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
         raise ValueError(f"batch size {input_ids.shape[0]} is not supported yet: pass one sequence, [1, prompt_length]")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty: the prompt needs at least one token")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    vocab = _vocab_size(model)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocabulary), got values in "
+                         f"[{low}, {high}]")
     total = input_ids.shape[1] + max_new_tokens
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit is not None and total > limit:
@@ -96,6 +119,34 @@ def _check_inputs(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
             f"prompt + max_new_tokens ({total}) exceeds the model's sliding attention window of {window} tokens: "
             "tree verification past the window is not supported yet"
         )
+
+
+def _check_settings(budget, do_sample, temperature, top_k, top_p, seed) -> None:
+    """ValueError, stating the valid range, for a setting ``generate`` cannot use."""
+    if budget is not None and (not _is_int(budget) or not 0 <= budget <= MAX_BUDGET):
+        raise ValueError(f"budget must be None (automatic) or an int in [0, {MAX_BUDGET}] (0: no drafts), "
+                         f"got {budget!r}")
+    if not isinstance(do_sample, (bool, np.bool_)):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    if seed is not None and not _is_int(seed):
+        raise ValueError(f"seed must be None or an int, got {seed!r}")
+    if not do_sample:
+        return
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be > 0 and finite when sampling, got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+def _check_references(docs: list[np.ndarray], vocab_size: int) -> None:
+    for i, d in enumerate(docs):
+        if d.size and (d.min() < 0 or d.max() >= vocab_size):
+            raise ValueError(f"reference {i} holds token ids in [{d.min()}, {d.max()}], outside the model's "
+                             f"vocabulary [0, {vocab_size}): was it tokenized for another model?")
 
 
 _process_state: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> OnlineState
@@ -124,8 +175,10 @@ def _default_drafters(model, references, tokenizer, datastore, config: Speculati
                 r = tokenizer(r, add_special_tokens=False)["input_ids"]
             docs.append(as_token_array(r, "a reference"))
             names.append(f"reference {i}")
+        _check_references(docs, _vocab_size(model))
         drafters.append(ReferenceDrafter(docs, names, **dataclasses.asdict(config.reference)))
     if datastore is not None:
+        datastore.check_model(_vocab_size(model), tokenizer)
         return drafters + datastore.drafters(model.config.vocab_size)
     return drafters + online_state(model).drafters()
 
@@ -160,7 +213,11 @@ def generate(
                 [] turns speculation off.
     calibrator: maps explicit ``drafters``' raw scores to acceptance rates, learning as it
                 goes (None: raw scores); the default drafters use ``online_state``'s.
-    datastore:  a ``retrieval.Datastore``; opened writable, it keeps what this call learned.
+    datastore:  a ``retrieval.Datastore``; opened writable, it keeps what this call learned
+                (if another process replaced it meanwhile, a warning says it was not saved
+                and the output is returned all the same). Checked against the model: its
+                token ids must fit the vocabulary and, with ``tokenizer``, its fingerprint
+                match (ValueError / TokenizerMismatchError).
     references: texts (tokenized with ``tokenizer``) or token-id sequences to copy from.
     do_sample:  False is greedy, token for token equal to ``model.generate(do_sample=False)``;
                 True samples from the target's distribution after ``temperature``, ``top_k``
@@ -171,7 +228,7 @@ def generate(
                 same stateless ``drafters`` (or ``drafters=[]``). A seeded call does not
                 teach the cost model its step times (they would change the next call's
                 budgets, so its trees and its sample), and reports no predicted step times.
-    budget:     draft tree nodes verified per step. None chooses each step's size from the
+    budget:     draft tree nodes verified per step, in [0, MAX_BUDGET]. None chooses each step's size from the
                 drafts' scores and this hardware's cost of a step, c(n) + d(n) (see
                 decode.budget: measured once per model and device, cached, then learned
                 from every step's time, so the sizes follow the machine's load).
@@ -179,8 +236,7 @@ def generate(
     Stops after max_new_tokens tokens or at the first EOS (``eos_token_id`` or the model's).
     """
     _check_inputs(model, input_ids, max_new_tokens)
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    _check_settings(budget, do_sample, temperature, top_k, top_p, seed)
     if drafters is None:
         drafters = _default_drafters(model, references, tokenizer, datastore, config)
         calibrator = online_state(model, datastore).calibrator
@@ -194,7 +250,13 @@ def generate(
                                     streamer, costs if seed is None else None, drafting)
     prompt_len = input_ids.shape[1]
     if datastore is not None:
-        datastore.commit(tokens[prompt_len:length])
+        try:
+            datastore.commit(tokens[prompt_len:length])
+        except StaleDatastoreError as e:
+            # The output is the caller's whatever happens to the datastore; what was learned
+            # stays in this process's copy of the state.
+            log.warning("not saved: %s", e)
+            warnings.warn(f"what this call learned was not saved: {e}", RuntimeWarning, stacklevel=2)
     sequences = torch.from_numpy(tokens[:length].astype(np.int64)).view(1, -1).to(input_ids.device)
     return GenerationOutput(sequences=sequences, stats=stats, spans=spec.spans)
 

@@ -7,6 +7,7 @@ from retrodraft.retrieval.build import BuildStats, tokenizer_fingerprint
 from retrodraft.retrieval.errors import (
     CorruptDatastoreError,
     DatastoreError,
+    DatastorePermissionError,
     FormatVersionError,
     IncompleteDatastoreError,
     ReadOnlyDatastoreError,
@@ -21,7 +22,8 @@ from retrodraft.retrieval.tree import DraftTree, fuse, prune
 __all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter", "Speculator", "SpeculationConfig",
            "LookupSettings", "Span", "choose_budget"]
 __all__ += [
-    "Datastore", "DatastoreError", "CorruptDatastoreError", "FormatVersionError", "IncompleteDatastoreError",
-    "ReadOnlyDatastoreError", "ShardTooLargeError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
+    "Datastore", "DatastoreError", "DatastorePermissionError", "CorruptDatastoreError", "FormatVersionError",
+    "IncompleteDatastoreError", "ReadOnlyDatastoreError", "ShardTooLargeError", "StaleDatastoreError",
+    "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
     "Document", "EmptyCorpusError", "SkipCounts", "iter_documents",
 ]

@@ -1,22 +1,17 @@
 """Writing a datastore version: tokenize, build the suffix array, write the files, swap in atomically.
 
-Builds and appends write a sibling ``PATH.incomplete-XXXX`` and swap it in with one atomic
-rename (renameat2 RENAME_EXCHANGE), so a crash at any moment leaves the old or the new
-datastore at PATH, never a half-written one; debris of killed builds (their lock no longer
-held) is removed by the next build.
+How the version is put in place at PATH (lock, swap, recovery) is ``retrieval.swap``'s job.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import fcntl
-import glob
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,8 +26,11 @@ from retrodraft.index import suffix_array
 from retrodraft.retrieval.arrow_files import fsync, write_arrow
 from retrodraft.retrieval.corpus import Document, EmptyCorpusError, SkipCounts
 from retrodraft.retrieval.drafters import join_documents
-from retrodraft.retrieval.errors import ShardTooLargeError
-from retrodraft.retrieval.layout import DBS, FORMAT_VERSION, MAP_SIZE, key
+from retrodraft.retrieval.errors import DatastoreError, ShardTooLargeError
+from retrodraft.retrieval.layout import (
+    DBS, FORMAT_VERSION, MAP_SIZE, MARKER, check_lmdb_header, key, marker_bytes, pack, unpack,
+)
+from retrodraft.retrieval.swap import carry_user_files, check_replaceable, make_build_dir, swap_in, tidy, writer_lock
 
 if TYPE_CHECKING:
     from retrodraft.retrieval.store import Datastore
@@ -42,6 +40,10 @@ BATCH_CHARS = 1 << 20
 # throughout, but the suffix array build holds ~17 bytes a position in memory (36 GiB here):
 # past this, build in shards (retrieval.shard_build), which is also how builds use many cores.
 MAX_STREAM = 1 << 31
+
+PIECE_CHARS = 1 << 16  # longest text handed to the tokenizer at once: its memory is ~100x the text's
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +55,8 @@ class BuildStats:
     bytes_on_disk                  size of the datastore's files afterwards
     seconds                        per phase: read, tokenize, suffix_array, write
     skipped                        the corpus walk's counts, if the caller passed them
+    state                          the learned state: "carried" over, "dropped" with the version
+                                   this build replaced, or "none" (there was none)
     """
 
     documents: int
@@ -62,6 +66,7 @@ class BuildStats:
     bytes_on_disk: int
     seconds: dict[str, float]
     skipped: SkipCounts | None
+    state: str = "none"
 
     def tokens_per_second(self) -> dict[str, float]:
         """Per phase: read and tokenize over the tokens added, the rest over all tokens."""
@@ -69,17 +74,24 @@ class BuildStats:
         return {k: work.get(k, self.total_tokens) / max(s, 1e-9) for k, s in self.seconds.items()}
 
 
-
 def tokenizer_fingerprint(tokenizer) -> str:
-    """16 hex digits of SHA-256 over the vocabulary (token -> id) and the special tokens.
+    """16 hex digits of SHA-256 over the tokenizer's full state.
 
-    Equal for tokenizers that map the same strings to the same ids, whatever their file
-    paths or names; ~0.1 s for a 50k vocabulary.
+    For a fast tokenizer: the backend's JSON (vocabulary, merges, added tokens with their
+    flags, normaliser, pre-tokeniser, post-processor, decoder) without the truncation and
+    padding settings a call may change; for a slow one: the vocabulary and the added tokens
+    with their flags. Both: the special tokens. Equal for tokenizers that turn every text
+    into the same ids, whatever their file paths or names; ~0.3-0.8 s for a 50k vocabulary.
     """
-    vocab = tokenizer.get_vocab()
-    tokens = sorted(vocab)
-    h = hashlib.sha256(json.dumps(tokens, ensure_ascii=False).encode("utf-8"))
-    h.update(np.fromiter(map(vocab.__getitem__, tokens), np.int64, len(tokens)).tobytes())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        for volatile in ("truncation", "padding"):
+            state.pop(volatile, None)
+    else:
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+        state = [sorted(tokenizer.get_vocab().items()), sorted((i, repr(t)) for i, t in added.items())]
+    h = hashlib.sha256(json.dumps(state, sort_keys=True, ensure_ascii=False).encode("utf-8"))
     h.update(json.dumps(sorted(set(tokenizer.all_special_tokens)), ensure_ascii=False).encode("utf-8"))
     return h.hexdigest()[:16]
 
@@ -89,9 +101,60 @@ def tokenizer_info(tokenizer) -> dict:
     return {"name": str(name), "fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer)}
 
 
+# A cut before a space that follows a non-space splits no pre-token of byte-level BPE
+# (GPT-2, Llama 3 and Qwen patterns attach a space to the word after it, never to the one
+# before), WordPiece or Metaspace tokenizers: the pieces' ids, concatenated, are the
+# document's. PROBES checks that once per build for the tokenizer at hand.
+_CUT = re.compile(r"(?<=\S) ")
+PROBES = ("Hello world, this is  a test.", "def f(x):\n    return x + 1  # done", "3.14 is pi;  ok!\n\nNext")
+
+
+def pieces(text: str, limit: int = PIECE_CHARS) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``limit`` characters, each cut before the
+    last space that follows a non-space in its window, or at ``limit`` where a window has
+    none (a hard cut: the tokens right at it may differ from the whole text's)."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        last = None
+        for last in _CUT.finditer(text, start + 1, end + 1):
+            pass
+        cut = last.start() if last is not None else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _pieces_of(documents: Iterable[Document], rows: list, path_ids: dict, bar, timing: dict) -> Iterator[tuple[str, bool]]:
+    """(piece, whether it ends its document) for every document, recording its row and path."""
+    it = iter(documents)
+    while True:
+        t0 = time.perf_counter()
+        doc = next(it, None)
+        timing["read"] += time.perf_counter() - t0
+        if doc is None:
+            return
+        rows.append((path_ids.setdefault(doc.path, len(path_ids)), doc.index))
+        bar.update()
+        held = None
+        for p in pieces(doc.text, PIECE_CHARS):
+            if held is not None:
+                yield held, False
+            held = p
+        yield held, True
+
+
+def _cuts_cleanly(backend) -> bool:
+    """Whether cutting at each place ``pieces`` may cut keeps the ids of the whole text (on PROBES)."""
+    def ids(text: str) -> list[int]:
+        return backend.encode(text, add_special_tokens=False).ids
+
+    return all(ids(t[: m.start()]) + ids(t[m.start():]) == ids(t) for t in PROBES for m in _CUT.finditer(t))
+
 
 def _tokenize(documents: Iterable[Document], tokenizer, progress: bool, seconds: dict) -> tuple:
-    """Encode documents in batches of ~BATCH_CHARS characters.
+    """Encode documents in batches of ~BATCH_CHARS characters, each document in ``pieces``
+    of at most PIECE_CHARS, so memory does not grow with the longest document.
 
     Returns (stream chunks: int32 arrays, each document followed by -1; lengths int64 [D];
     rows int64 [D, 2] of (path id, record); paths: list of source paths by id).
@@ -99,83 +162,124 @@ def _tokenize(documents: Iterable[Document], tokenizer, progress: bool, seconds:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"building a datastore needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}")
+    if not _cuts_cleanly(backend):
+        log.warning("this tokenizer merges across spaces: documents longer than %d characters are tokenized in "
+                    "pieces whose ids may differ from the whole document's at each cut", PIECE_CHARS)
     chunks, lengths, rows, path_ids = [], [], [], {}
-    batch: list[str] = []
-    chars, t_read, t_tok = 0, 0.0, 0.0
-    it = iter(documents)
+    partial: list[np.ndarray] = []  # ids of the pieces so far of the document being encoded
+    timing = {"read": 0.0, "tokenize": 0.0}
+
+    def encode(batch: list[tuple[str, bool]]) -> None:
+        t0 = time.perf_counter()
+        encoded = backend.encode_batch_fast([p for p, _ in batch], add_special_tokens=False)
+        done = []
+        for (_, last), e in zip(batch, encoded):
+            partial.append(np.asarray(e.ids, np.int32))
+            if last:
+                done.append(np.concatenate(partial))
+                partial.clear()
+        if done:
+            chunks.append(join_documents(done)[0])
+            lengths.extend(len(a) for a in done)
+        timing["tokenize"] += time.perf_counter() - t0
+        tok_bar.update(sum(len(e.ids) for e in encoded))
+
     with tqdm(desc="read", unit=" docs", disable=not progress) as read_bar, \
             tqdm(desc="tokenize", unit=" tok", unit_scale=True, disable=not progress) as tok_bar:
-        while True:
-            t0 = time.perf_counter()
-            doc = next(it, None)
-            t_read += time.perf_counter() - t0
-            if doc is not None:
-                rows.append((path_ids.setdefault(doc.path, len(path_ids)), doc.index))
-                batch.append(doc.text)
-                chars += len(doc.text)
-                read_bar.update()
-            if batch and (doc is None or chars >= BATCH_CHARS):
-                t0 = time.perf_counter()
-                encoded = backend.encode_batch_fast(batch, add_special_tokens=False)
-                ids = [np.asarray(e.ids, np.int32) for e in encoded]
-                chunks.append(join_documents(ids)[0])
-                lengths.extend(len(a) for a in ids)
-                t_tok += time.perf_counter() - t0
-                tok_bar.update(sum(len(a) for a in ids))
+        batch, chars = [], 0
+        for piece, last in _pieces_of(documents, rows, path_ids, read_bar, timing):
+            batch.append((piece, last))
+            chars += len(piece)
+            if chars >= BATCH_CHARS:
+                encode(batch)
                 batch, chars = [], 0
-            if doc is None:
-                break
-    seconds.update(read=t_read, tokenize=t_tok)
+        if batch:
+            encode(batch)
+    seconds.update(timing)
     if not rows:
         raise EmptyCorpusError("no documents to add to the datastore")
     return chunks, np.asarray(lengths, np.int64), np.asarray(rows, np.int64).reshape(-1, 2), list(path_ids)
 
 
-def write_version(path: Path, base: Datastore | None, documents, tokenizer, progress: bool, skipped) -> BuildStats:
-    """Build the next version of the datastore at ``path`` (``base``'s documents first) and swap it in."""
-    if path.exists() and not (path / "meta.lmdb").is_dir():
-        raise FileExistsError(f"{path} exists and is not a datastore; not replacing it: choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_debris(path)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".incomplete-", dir=path.parent))
-    lock = os.open(tmp / "build.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-        os.chmod(tmp, 0o755)
-        info = tokenizer_info(tokenizer)
-        seconds: dict[str, float] = {}
-        chunks, lengths, rows, paths = _tokenize(documents, tokenizer, progress, seconds)
-        stream, offsets = _extend(base, chunks, lengths)
-        del chunks
+def write_version(path: Path, base: Datastore | None, documents, tokenizer, progress: bool, skipped,
+                  state_from: Datastore | None = None) -> BuildStats:
+    """Build the next version of the datastore at ``path`` (``base``'s documents first) and swap it in.
 
-        t0 = time.perf_counter()
-        with tqdm(total=stream.shape[0], desc="suffix array", unit=" tok", unit_scale=True, disable=not progress) as bar:
-            sa = suffix_array.build(stream)
-            bar.update(stream.shape[0])
-        seconds["suffix_array"] = time.perf_counter() - t0
+    Holds ``PATH.lock`` throughout, so writers of one path run one after another. The state
+    of ``state_from`` (``base`` when appending) is carried over; files in ``path`` that the
+    datastore did not create are carried over too. FileExistsError if ``path`` holds
+    something that is not a datastore; DatastorePermissionError where a write is refused.
+    """
+    state_from = base or state_from
+    check_replaceable(path)  # before the lock: refusing leaves nothing beside a user's directory
+    with writer_lock(path):
+        tidy(path)
+        check_replaceable(path)
+        if base is not None:
+            base._check_current()  # another writer swapped a new version in while this one waited
+        tmp = make_build_dir(path)
+        lock = os.open(tmp / "build.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            os.chmod(tmp, 0o755)
+            info = tokenizer_info(tokenizer)
+            seconds: dict[str, float] = {}
+            chunks, lengths, rows, paths = _tokenize(documents, tokenizer, progress, seconds)
+            stream, offsets = _extend(base, chunks, lengths)
+            del chunks
 
-        t0 = time.perf_counter()
-        files = _write_arrays(tmp, {"tokens": stream, "doc_offsets": offsets, "suffix_array": sa}, progress)
-        del stream, sa
-        added = {
-            "op": "append" if base else "build", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "documents": len(lengths), "tokens": int(lengths.sum()), "batch_chars": BATCH_CHARS,
-            "skipped": skipped.as_dict() if skipped else None,
-        }
-        meta = {
-            "format_version": FORMAT_VERSION, "tokenizer": info,
-            "documents": offsets.shape[0] - 1, "tokens": (base.num_tokens if base else 0) + added["tokens"],
-            "history": (base.meta["history"] if base else []) + [added], "files": files,
-        }
-        _write_tables_and_swap(tmp, path, base, meta, rows, offsets, lengths, paths)
-        seconds["write"] = time.perf_counter() - t0
-    finally:
-        os.close(lock)
-        # tmp now holds the partial build or, after the swap, the replaced version (or nothing):
-        # debris either way, and what a failure here leaves is removed by the next build.
-        shutil.rmtree(tmp, ignore_errors=True)
+            t0 = time.perf_counter()
+            with tqdm(total=stream.shape[0], desc="suffix array", unit=" tok", unit_scale=True,
+                      disable=not progress) as bar:
+                sa = suffix_array.build(stream)
+                bar.update(stream.shape[0])
+            seconds["suffix_array"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            max_token = int(stream.max(initial=-1))
+            files = _write_arrays(tmp, {"tokens": stream, "doc_offsets": offsets, "suffix_array": sa}, progress)
+            del stream, sa
+            added = {
+                "op": "append" if base else "build", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "documents": len(lengths), "tokens": int(lengths.sum()), "batch_chars": BATCH_CHARS,
+                "skipped": skipped.as_dict() if skipped else None,
+            }
+            meta = {
+                "format_version": FORMAT_VERSION, "tokenizer": info, "max_token": max_token,
+                "documents": offsets.shape[0] - 1, "tokens": (base.num_tokens if base else 0) + added["tokens"],
+                "history": (base.meta["history"] if base else []) + [added], "files": files,
+            }
+            (tmp / MARKER).write_bytes(marker_bytes())
+            fsync(tmp / MARKER)
+            state = "carried" if state_from else "dropped" if _has_state(path) else "none"
+            _write_tables_and_swap(tmp, path, base, state_from, meta, rows, offsets, lengths, paths)
+            seconds["write"] = time.perf_counter() - t0
+        finally:
+            os.close(lock)
+            # tmp now holds the partial build or, after the swap, the replaced version (or
+            # nothing): debris either way, and what a failure here leaves is removed by the next
+            # build or opener.
+            shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return BuildStats(added["documents"], added["tokens"], meta["documents"], meta["tokens"], size, seconds, skipped)
+    return BuildStats(added["documents"], added["tokens"], meta["documents"], meta["tokens"], size, seconds, skipped,
+                      state)
+
+
+def _has_state(path: Path) -> bool:
+    """Whether the datastore at ``path`` (about to be replaced) holds learned state."""
+    try:
+        check_lmdb_header(path / "meta.lmdb" / "data.mdb", path)
+        env = lmdb.open(str(path / "meta.lmdb"), readonly=True, lock=False, max_dbs=len(DBS), map_size=MAP_SIZE,
+                        create=False)
+    except (lmdb.Error, DatastoreError):
+        return False
+    try:
+        with env.begin() as txn:
+            return txn.stat(env.open_db(b"state", txn=txn, create=False))["entries"] > 0
+    except lmdb.Error:
+        return False
+    finally:
+        env.close()
 
 
 def _extend(base: Datastore | None, chunks: list[np.ndarray], lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -201,18 +305,22 @@ def _write_arrays(tmp: Path, arrays: dict[str, np.ndarray], progress: bool) -> d
     return files
 
 
-def _write_tables_and_swap(tmp: Path, path: Path, base, meta: dict, rows, offsets, lengths, paths) -> None:
-    """Fill meta.lmdb in ``tmp`` (the meta record last, marking it complete) and swap ``tmp`` in."""
+def _write_tables_and_swap(tmp: Path, path: Path, base, state_from, meta: dict, rows, offsets, lengths,
+                           paths) -> None:
+    """Fill meta.lmdb in ``tmp`` (the meta record last, marking it complete), carry the
+    user's files over and swap ``tmp`` in."""
     env = lmdb.open(str(tmp / "meta.lmdb"), max_dbs=len(DBS), map_size=MAP_SIZE)
     try:
         dbs = {name: env.open_db(name) for name in DBS}
         _write_documents(env, dbs, base, rows, offsets, lengths, paths)
-        with _held_state(base) as state:
+        with _held_state(state_from) as state:
             with env.begin(write=True) as txn:
                 txn.cursor(dbs[b"state"]).putmulti(state, append=True)
-                txn.put(b"meta", json.dumps(meta).encode("utf-8"), db=dbs[b"meta"])
+                txn.put(b"meta", pack(json.dumps(meta).encode("utf-8"), b"meta"), db=dbs[b"meta"])
             env.close()
-            _swap_in(tmp, path)
+            if path.is_dir():
+                carry_user_files(path, tmp)
+            swap_in(tmp, path)
     finally:
         env.close()
 
@@ -227,7 +335,7 @@ def _held_state(base: Datastore | None) -> Iterator:
     if base is None:
         yield iter(())
         return
-    with base._env.begin(write=True, db=base._dbs[b"state"]) as txn:
+    with base._env.begin(write=True, db=base._dbs[b"state"]) as txn:  # values stay framed: copied as they are
         base._check_current()
         yield txn.cursor().iternext()
 
@@ -240,61 +348,19 @@ def _write_documents(env, dbs, base: Datastore | None, rows, offsets, lengths, p
             with base._env.begin() as old:
                 txn.cursor(dbs[b"docs"]).putmulti(old.cursor(base._dbs[b"docs"]).iternext(), append=True)
                 for k, v in old.cursor(base._dbs[b"paths"]).iternext():
-                    path_ids[v.decode("utf-8")] = int.from_bytes(k, "big")
+                    name = unpack(v, f"path {int.from_bytes(k, 'big')}", base.path, k).decode("utf-8")
+                    path_ids[name] = int.from_bytes(k, "big")
                     txn.put(k, v, db=dbs[b"paths"], append=True)
         # A path seen before keeps its id; new ones are numbered after the old ones.
         remap = np.empty(len(paths), np.int64)
         for i, p in enumerate(paths):
             if p not in path_ids:
                 path_ids[p] = len(path_ids)
-                txn.put(key(path_ids[p]), p.encode("utf-8"), db=dbs[b"paths"])
+                k = key(path_ids[p])
+                txn.put(k, pack(p.encode("utf-8"), k), db=dbs[b"paths"])
             remap[i] = path_ids[p]
         first = offsets.shape[0] - 1 - lengths.shape[0]
         table = np.stack([remap[rows[:, 0]], rows[:, 1], offsets[first:-1], lengths], axis=1).astype("<i8")
-        txn.cursor(dbs[b"docs"]).putmulti(((key(first + i), r.tobytes()) for i, r in enumerate(table)), append=True)
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Make ``tmp`` the datastore at ``path``; the replaced version, if any, ends up at ``tmp``."""
-    fsync(tmp)
-    if not path.exists():
-        os.rename(tmp, path)
-    elif not _exchange(tmp, path):
-        # No atomic exchange on this system: PATH is missing between these two renames,
-        # and the old version waits aside until the new one is in.
-        aside = tmp.with_name(tmp.name + "-old")
-        os.rename(path, aside)
-        os.rename(tmp, path)
-        os.rename(aside, tmp)
-    fsync(path.parent)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
-def _remove_debris(path: Path) -> None:
-    """Delete PATH.incomplete-* directories whose build lock no process holds (killed builds)."""
-    for d in glob.glob(glob.escape(str(path)) + ".incomplete-*"):
-        try:
-            fd = os.open(Path(d) / "build.lock", os.O_RDWR)
-        except FileNotFoundError:
-            continue  # a build that has not taken its lock yet, or not ours
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(d)
-        except BlockingIOError:
-            pass  # a live build
-        finally:
-            os.close(fd)
+        framed = ((k, pack(r.tobytes(), k)) for k, r in ((key(first + i), r) for i, r in enumerate(table)))
+        txn.cursor(dbs[b"docs"]).putmulti(framed, append=True)
 

@@ -148,9 +148,15 @@ class Calibrator:
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray]) -> Calibrator:
+        """A calibrator from ``state()`` arrays; ValueError if they are not well-formed counts."""
         c = cls()
         c.names = [str(n) for n in arrays["names"]]
         c.seen, c.hits, c.raw = (np.array(arrays[k], np.float64) for k in ("seen", "hits", "raw"))
         if c.seen.ndim == 3:  # saved before verdicts: what was learned seeds every verdict
             c.seen, c.hits, c.raw = (np.repeat(a[:, None], VERDICTS, axis=1) for a in (c.seen, c.hits, c.raw))
+        shape = (len(c.names), VERDICTS, DEPTHS, BUCKETS)
+        if any(a.shape != shape or not np.isfinite(a).all() or (a < 0).any() for a in (c.seen, c.hits, c.raw)) \
+                or (c.hits > c.seen).any():
+            raise ValueError(f"calibration state must be finite counts >= 0 (hits <= seen) of shape {list(shape)}, got "
+                             f"shapes {[list(a.shape) for a in (c.seen, c.hits, c.raw)]} with NaN, inf or bad counts")
         return c

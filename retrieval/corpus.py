@@ -4,14 +4,16 @@ A plain file is one document. A JSON Lines line, an element of a JSON list (or a
 object) and a Parquet row are one document each, whose text is the selected fields joined
 with a blank line. Files that cannot be used (empty, binary, not UTF-8, not parseable) are
 skipped and counted in a ``SkipCounts``, never raised: one bad file must not sink a build of
-thousands.
+thousands. That holds for files that cannot be read at all too (no permission, a symbolic
+link loop, a FIFO or device), and for JSON nested too deep to parse.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+import stat
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Collection, Iterator
 
@@ -62,6 +64,12 @@ class SkipCounts:
     no_text      records with none of the selected fields (or only empty ones)
     other_type   files whose suffix is not a supported one
     excluded     hidden files and directories, and directories named in ``exclude``
+    unreadable   files or directories that could not be read (no permission, a symbolic link
+                 loop or to nothing, an I/O error)
+    special      FIFOs, sockets and devices (reading one could block or never end)
+
+    ``named`` holds, per reason, the first NAMED paths of the unreadable, special and
+    malformed ones, for the build summary to name them.
     """
 
     empty: int = 0
@@ -71,12 +79,25 @@ class SkipCounts:
     no_text: int = 0
     other_type: int = 0
     excluded: int = 0
+    unreadable: int = 0
+    special: int = 0
+    named: dict[str, list[str]] = field(default_factory=dict, compare=False)
+
+    NAMED = 20
+
+    def note(self, reason: str, path: Path) -> None:
+        """Count ``path`` as skipped for ``reason`` and remember its name."""
+        setattr(self, reason, getattr(self, reason) + 1)
+        names = self.named.setdefault(reason, [])
+        if len(names) < self.NAMED:
+            names.append(str(path))
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        """The counts by reason (not the names)."""
+        return {k: v for k, v in asdict(self).items() if k != "named"}
 
     def total(self) -> int:
-        return sum(asdict(self).values())
+        return sum(self.as_dict().values())
 
 
 def iter_documents(
@@ -121,38 +142,67 @@ def corpus_files(
     """The files ``iter_documents`` reads, in its order (absolute paths).
 
     A file given as ``root`` is yielded whatever its suffix; in a walk, files without a
-    supported suffix are counted in ``skipped.other_type`` (and hidden or excluded entries in
-    ``excluded``). Raises FileNotFoundError if ``root`` does not exist.
+    supported suffix are counted in ``skipped.other_type`` (hidden or excluded entries in
+    ``excluded``; unreadable entries and FIFOs, sockets and devices, ``root`` included, in
+    ``unreadable`` and ``special``). Raises FileNotFoundError if ``root`` does not exist.
     """
     root = Path(root).absolute()
-    if not root.exists():
+    if not root.exists() and not root.is_symlink():
         raise FileNotFoundError(f"no corpus at {root}: pass a directory or a file")
-    if root.is_file():
-        yield root
-        return
     skipped = SkipCounts() if skipped is None else skipped
-    for path in _walk(root, exclude, skipped):
-        if path.suffix.lower() in TEXT_SUFFIXES | RECORD_SUFFIXES:
-            yield path
-        else:
-            skipped.other_type += 1
+    kind = _kind(root, skipped)
+    if kind == "file":
+        yield root
+    elif kind == "dir":
+        for path in _walk(root, exclude, skipped):
+            if path.suffix.lower() in TEXT_SUFFIXES | RECORD_SUFFIXES:
+                yield path
+            else:
+                skipped.other_type += 1
 
 
 def file_documents(path: Path, fields: list[str] | None = None, skipped: SkipCounts | None = None) -> Iterator[Document]:
     """The documents of one file from ``corpus_files``: records for .jsonl/.json/.parquet,
     else the whole file as text. What is left out is counted in ``skipped``; never raises
-    for bad content (EmptyCorpusError is ``iter_documents``'s, over a whole corpus)."""
+    for bad content or a file that cannot be read (EmptyCorpusError is ``iter_documents``'s,
+    over a whole corpus)."""
     skipped = SkipCounts() if skipped is None else skipped
     suffix = path.suffix.lower()
     if suffix in RECORD_SUFFIXES:
-        return _records(path, suffix, tuple(fields) if fields else DEFAULT_FIELDS, skipped)
-    return _text_file(path, skipped)
+        docs = _records(path, suffix, tuple(fields) if fields else DEFAULT_FIELDS, skipped)
+    else:
+        docs = _text_file(path, skipped)
+    try:
+        yield from docs
+    except OSError:
+        skipped.note("unreadable", path)
+    except RecursionError:  # JSON nested deeper than Python's parser goes
+        skipped.note("malformed", path)
+
+
+def _kind(path: Path, skipped: SkipCounts) -> str:
+    """"file", "dir", or "" for what is counted as unreadable or special (following links)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a link loop, a link to nothing, no permission on the way
+        skipped.note("unreadable", path)
+        return ""
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    skipped.note("special", path)
+    return ""
 
 
 def _walk(top: Path, exclude: Collection[str], skipped: SkipCounts) -> Iterator[Path]:
     """Files under ``top`` in sorted path order (not os.walk's files-before-subdirectories)."""
-    with os.scandir(top) as it:
-        entries = sorted(it, key=lambda e: e.name)
+    try:
+        with os.scandir(top) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        skipped.note("unreadable", top)
+        return
     for e in entries:
         # Like os.walk, symbolic links to directories are not followed (no cycles).
         is_dir = e.is_dir(follow_symlinks=False)
@@ -160,8 +210,12 @@ def _walk(top: Path, exclude: Collection[str], skipped: SkipCounts) -> Iterator[
             skipped.excluded += 1
         elif is_dir:
             yield from _walk(Path(e.path), exclude, skipped)
-        elif e.is_file():
+        elif e.is_symlink() and _kind(Path(e.path), skipped) != "file":
+            continue  # links to directories are not followed; the others were counted
+        elif e.is_symlink() or e.is_file(follow_symlinks=False):
             yield Path(e.path)
+        else:
+            skipped.note("special", Path(e.path))
 
 
 def _decode(data: bytes, skipped: SkipCounts) -> str | None:
@@ -194,7 +248,11 @@ def _records(path: Path, suffix: str, names: tuple[str, ...], skipped: SkipCount
     else:
         rows = _json_rows(path, skipped)
     for i, record in rows:
-        text = _record_text(record, names)
+        try:
+            text = _record_text(record, names)
+        except RecursionError:
+            skipped.note("malformed", path)
+            continue
         if text:
             yield Document(str(path), i, text)
         else:
@@ -215,11 +273,14 @@ def _jsonl_rows(path: Path, skipped: SkipCounts) -> Iterator[tuple[int, object]]
             if not line.strip():
                 continue
             try:
-                yield i, json.loads(line.decode("utf-8-sig"))
+                record = json.loads(line.decode("utf-8-sig"))
             except UnicodeDecodeError:
                 skipped.undecodable += 1
-            except json.JSONDecodeError:
-                skipped.malformed += 1
+                continue
+            except (json.JSONDecodeError, RecursionError):
+                skipped.note("malformed", path)
+                continue
+            yield i, record
 
 
 def _json_rows(path: Path, skipped: SkipCounts) -> Iterator[tuple[int, object]]:
@@ -228,8 +289,8 @@ def _json_rows(path: Path, skipped: SkipCounts) -> Iterator[tuple[int, object]]:
         return
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        skipped.malformed += 1
+    except (json.JSONDecodeError, RecursionError):
+        skipped.note("malformed", path)
         return
     yield from enumerate(data) if isinstance(data, list) else [(0, data)]
 

@@ -9,7 +9,8 @@ class IncompleteDatastoreError(DatastoreError):
 
 
 class CorruptDatastoreError(DatastoreError):
-    """An Arrow file's size or checksum differs from the metadata."""
+    """A file of the datastore is damaged: an Arrow file's size or checksum, LMDB's header, or a
+    stored value's checksum differs from what was written."""
 
 
 class FormatVersionError(DatastoreError):
@@ -31,3 +32,7 @@ class StaleDatastoreError(DatastoreError):
 
 class ShardTooLargeError(DatastoreError):
     """One datastore (or shard) would hold more tokens than its positions allow."""
+
+
+class DatastorePermissionError(DatastoreError, PermissionError):
+    """The process lacks a permission the datastore operation needs (named in the message)."""

@@ -13,7 +13,7 @@ A sharded datastore is a directory DIR:
                        as one datastore would (``index.shard_merge``); G = generation
   meta.lmdb/           learned state only (the ``state`` database of ``layout.DBS``): one
                        place for all shards
-  append.lock          flock-ed while an append runs
+  DIR.lock (beside)    flock-ed by every build or append of DIR (``swap.writer_lock``)
 
 A document goes to shard ``shard_for(path, n)``: a stable hash of its source path, so every
 record of a file lands in one shard and an append finds the shard its path went to before.

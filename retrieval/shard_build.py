@@ -19,7 +19,6 @@ import fcntl
 import os
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,8 @@ import lmdb
 import numpy as np
 from tqdm import tqdm
 
-from retrodraft.retrieval.build import _remove_debris, _swap_in, tokenizer_info
+from retrodraft.retrieval.build import tokenizer_info
+from retrodraft.retrieval.swap import make_build_dir, swap_in, tidy, writer_lock
 from retrodraft.retrieval.corpus import (
     DEFAULT_EXCLUDE, Document, EmptyCorpusError, SkipCounts, corpus_files, file_documents,
 )
@@ -185,11 +185,24 @@ def build_sharded(out, tokenizer, shards: int, *, corpus=None, documents: Iterab
     if not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards must be an int >= 1, got {shards!r}")
     out = Path(out).absolute()
-    if out.exists() and not (is_sharded(out) or (out / "meta.lmdb").is_dir()):
-        raise FileExistsError(f"{out} exists and is not a datastore; not replacing it: choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_debris(out)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".incomplete-", dir=out.parent))
+    _check_replaceable(out)  # before the lock: refusing leaves nothing beside a user's directory
+    with writer_lock(out):
+        tidy(out)
+        _check_replaceable(out)
+        return _build_in(out, tokenizer, shards, corpus, documents, fields, exclude, runner, progress, skipped)
+
+
+def _check_replaceable(out: Path) -> None:
+    """FileExistsError unless nothing is at ``out``, an empty directory or a sharded datastore: a
+    sharded build replaces only those (an unsharded datastore or a user's directory is kept)."""
+    if out.exists() and not (is_sharded(out) or (out.is_dir() and not any(out.iterdir()))):
+        raise FileExistsError(f"{out} exists and is not a sharded datastore; not replacing it: choose another --out")
+
+
+def _build_in(out: Path, tokenizer, shards: int, corpus, documents, fields, exclude, runner, progress,
+              skipped) -> ShardedBuildStats:
+    """``build_sharded``'s work, holding ``out``'s writer lock."""
+    tmp = make_build_dir(out)
     lock = os.open(tmp / "build.lock", os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
@@ -203,7 +216,7 @@ def build_sharded(out, tokenizer, shards: int, *, corpus=None, documents: Iterab
         env = lmdb.open(str(tmp / "meta.lmdb"), max_dbs=len(DBS), map_size=MAP_SIZE)
         env.open_db(b"state")
         env.close()
-        _swap_in(tmp, out)
+        swap_in(tmp, out)
     finally:
         os.close(lock)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -222,9 +235,8 @@ def append_sharded(out, tokenizer, *, corpus=None, documents: Iterable[Document]
     manifest changed since; EmptyCorpusError if there is nothing to add.
     """
     out = Path(out).absolute()
-    lock = os.open(out / "append.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # The same writer lock as builds of ``out`` take: an append and a build never interleave.
+    with writer_lock(out):
         manifest = read_manifest(out)
         if expect is not None and manifest["checksum"] != expect:
             raise StaleDatastoreError(f"the sharded datastore at {out} changed after this process opened it; "
@@ -237,8 +249,6 @@ def append_sharded(out, tokenizer, *, corpus=None, documents: Iterable[Document]
         skipped = SkipCounts() if skipped is None else skipped
         jobs, files = _plan(manifest, corpus, documents, fields, exclude, skipped)
         return _run(out, manifest, jobs, files, tokenizer, runner, progress, skipped, "append")
-    finally:
-        os.close(lock)
 
 
 def _plan(manifest: dict, corpus, documents, fields, exclude, skipped) -> tuple[list[ShardJob], int]:

@@ -128,6 +128,8 @@ class ShardedDatastore(Datastore):
                 order.append(np.stack([np.full(keys.shape[0], i), np.arange(keys.shape[0]), keys], axis=1))
             if not parts:
                 raise IncompleteDatastoreError(f"{path}'s manifest lists no documents; {REBUILD_SHARDED.format(path)}")
+            # The largest token id of any shard: what check_model compares with a model's vocabulary.
+            self.meta = {**self.meta, "max_token": max(ds.meta["max_token"] for ds in self.shards)}
             table = np.concatenate(order)
             # Keys are unique to a source file and a file's records sit in order in one shard.
             self._doc_order = table[np.lexsort((table[:, 1], table[:, 2])), :2]

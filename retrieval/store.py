@@ -1,19 +1,16 @@
 """The persistent datastore: a tokenized corpus, its suffix array and state learned online.
 
-The directory layout is described in ``retrieval.layout``, building in ``retrieval.build``.
-
-Concurrency: any number of processes may read; state is written in single LMDB write
-transactions, which LMDB serialises across processes. A process whose datastore was
-replaced under it (rebuilt, or appended to by another process) keeps reading its old
-version; saving state then raises StaleDatastoreError instead of writing into the old one.
-One Datastore per path per process (an LMDB rule).
+The directory layout and concurrency rules are described in ``retrieval.layout``, building
+in ``retrieval.build``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -22,20 +19,27 @@ import numpy as np
 
 from retrodraft.retrieval.arrow_files import map_arrays
 from retrodraft.retrieval.build import BuildStats, tokenizer_info, write_version
+from retrodraft.retrieval.calibration import Calibrator
 from retrodraft.retrieval.corpus import Document, SkipCounts
 from retrodraft.retrieval.drafters import CorpusDrafter, Drafter
 from retrodraft.retrieval.errors import (
     CorruptDatastoreError,
     DatastoreError,
+    DatastorePermissionError,
     FormatVersionError,
     IncompleteDatastoreError,
     ReadOnlyDatastoreError,
     StaleDatastoreError,
     TokenizerMismatchError,
 )
-from retrodraft.retrieval.layout import BUILD, DBS, FORMAT_VERSION, MAP_SIZE, REBUILD, key
+from retrodraft.retrieval.layout import (
+    BUILD, DBS, FORMAT_VERSION, MAP_SIZE, REBUILD, check_lmdb_header, check_marker, key, pack, unpack,
+)
 from retrodraft.retrieval.manifest import is_sharded
 from retrodraft.retrieval.online import OnlineState
+from retrodraft.retrieval.swap import tidy_if_idle
+
+log = logging.getLogger(__name__)
 
 ONLINE_STATE = "online"  # what generation learns: outputs, lengths, recycling, calibration_*
 
@@ -76,19 +80,28 @@ class Datastore:
         """Open the datastore at ``path``, checking it before anything is read from it.
 
         A directory with a manifest opens as a ``shards.ShardedDatastore`` (every shard
-        opened and checked, learned state in one place). Verifies the format version
-        (FormatVersionError), that the build completed
-        (IncompleteDatastoreError), each Arrow file's size and CRC32 (CorruptDatastoreError)
+        opened and checked, learned state in one place). Otherwise verifies the datastore's
+        marker and format version (FormatVersionError), that the
+        build completed (IncompleteDatastoreError), LMDB's header, the checksum of every
+        metadata value it reads, each Arrow file's size and CRC32 (CorruptDatastoreError)
         and, if ``tokenizer`` is given, its fingerprint (TokenizerMismatchError naming
         both). Raises FileNotFoundError if there is nothing at ``path``. With
-        ``readonly=False`` the state can be written (``save_state``, ``append``).
+        ``readonly=False`` the state can be written (``save_state``, ``append``); without
+        write access that raises DatastorePermissionError. Read-only, a datastore this
+        process may not write to is opened without LMDB's lock file (a warning says so):
+        reads are then not isolated from another process's state commit, which shows as a
+        CorruptDatastoreError at worst, never as wrong values (every value is checksummed).
+        If no writer holds ``PATH.lock`` and the directory is writable, first puts back a
+        version an interrupted swap left aside and removes killed builds' debris.
         """
-        if cls is Datastore and is_sharded(Path(path)):
+        path = Path(path).absolute()
+        if cls is Datastore and is_sharded(path):
             from retrodraft.retrieval.shards import ShardedDatastore
 
             return ShardedDatastore.open(path, readonly, tokenizer)
+        tidy_if_idle(path)
         ds = cls.__new__(cls)
-        ds._attach(Path(path).absolute(), readonly)
+        ds._attach(path, readonly)
         ds.stats = None
         if tokenizer is not None:
             try:
@@ -107,6 +120,7 @@ class Datastore:
         *,
         progress: bool = True,
         skipped: SkipCounts | None = None,
+        keep_state: bool = False,
     ) -> Datastore:
         """Tokenize ``documents`` and write a datastore at ``path``, replacing any there.
 
@@ -115,12 +129,19 @@ class Datastore:
         tokenizer's own threads: measured faster than a process pool here). ``skipped``:
         the SkipCounts the corpus walk fills, recorded in the stats and metadata.
         ``progress`` shows a bar per phase on stderr. An existing directory at ``path``
-        is replaced only if it is a datastore (FileExistsError otherwise); the swap is
-        atomic. Raises EmptyCorpusError if there are no documents. Returns the new
-        datastore, opened read-only, with ``stats`` set.
+        is replaced only if it is a datastore or empty (FileExistsError otherwise); the
+        swap is atomic; files in it the datastore did not create are kept. The replaced
+        datastore's learned state is dropped (``stats.state`` says "dropped") unless
+        ``keep_state``, which carries it over (the same tokenizer is required). Writers of
+        one path run one after another. Raises EmptyCorpusError if there are no documents.
+        Returns the new datastore, opened read-only, with ``stats`` set.
         """
         path = Path(path).absolute()
-        stats = write_version(path, None, documents, tokenizer, progress, skipped)
+        if keep_state and path.exists():
+            with cls.open(path, readonly=False, tokenizer=tokenizer) as old:
+                stats = write_version(path, None, documents, tokenizer, progress, skipped, state_from=old)
+        else:
+            stats = write_version(path, None, documents, tokenizer, progress, skipped)
         ds = cls.open(path)
         ds.stats = stats
         return ds
@@ -178,6 +199,22 @@ class Datastore:
     def fingerprint(self) -> str:
         return self.meta["tokenizer"]["fingerprint"]
 
+    def check_model(self, vocab_size: int, tokenizer=None) -> None:
+        """Raise unless this datastore can draft for a model of ``vocab_size`` ids: ValueError
+        if its tokens reach past the vocabulary (built with a larger tokenizer), and
+        TokenizerMismatchError if ``tokenizer`` is given and is not the datastore's (checked
+        once per tokenizer object: the fingerprint takes a fraction of a second)."""
+        if self.meta["max_token"] >= vocab_size:
+            raise ValueError(
+                f"the datastore at {self.path} holds token id {self.meta['max_token']}, outside the model's "
+                f"vocabulary [0, {vocab_size}): it was built with another tokenizer "
+                f"({self.tokenizer_name!r}); rebuild it with this model's: "
+                f"python tools/build_index.py CORPUS --model MODEL --out {self.path}"
+            )
+        if tokenizer is not None and tokenizer not in self._checked:
+            self.check_tokenizer(tokenizer)
+            self._checked.add(tokenizer)
+
     def check_tokenizer(self, tokenizer) -> None:
         """Raise TokenizerMismatchError, naming both tokenizers, unless ``tokenizer`` is the datastore's."""
         theirs = tokenizer_info(tokenizer)
@@ -193,10 +230,13 @@ class Datastore:
         """The document table's row for ``doc_id`` in [0, num_documents) (ValueError outside)."""
         if not 0 <= doc_id < self.num_documents:
             raise ValueError(f"doc_id must be in [0, {self.num_documents}), got {doc_id}")
-        with self._env.begin() as txn:
-            path_id, record, start, length = np.frombuffer(txn.get(key(doc_id), db=self._dbs[b"docs"]), "<i8")
-            path = txn.get(key(int(path_id)), db=self._dbs[b"paths"]).decode("utf-8")
-        return DocumentEntry(path, int(record), int(start), int(length))
+        k = key(doc_id)
+        with self._live_env().begin() as txn:
+            row = unpack(txn.get(k, db=self._dbs[b"docs"]), f"document {doc_id}", self.path, k)
+            path_id, record, start, length = np.frombuffer(row, "<i8") if len(row) == 32 else (-1,) * 4
+            k = key(int(path_id)) if 0 <= path_id < 1 << 62 else b""
+            path = unpack(txn.get(k, db=self._dbs[b"paths"]) if k else None, f"path {path_id}", self.path, k)
+        return DocumentEntry(path.decode("utf-8", "replace"), int(record), int(start), int(length))
 
     def locate(self, position: int) -> Location:
         """Source of stream position ``position``: (path, record index, token offset in the document).
@@ -230,30 +270,38 @@ class Datastore:
                 )
             buf = io.BytesIO()
             np.lib.format.write_array(buf, a, allow_pickle=False)
-            blobs[prefix + k.encode("utf-8")] = buf.getvalue()
+            full = prefix + k.encode("utf-8")
+            blobs[full] = pack(buf.getvalue(), full)
         with env.begin(write=True, db=self._dbs[b"state"]) as txn:
             self._check_current()
             cur = txn.cursor()
             if cur.set_range(prefix):
                 while cur.key().startswith(prefix):
                     cur.delete()
-            txn.put(prefix, b"")
+            txn.put(prefix, pack(json.dumps(sorted(arrays)).encode("utf-8"), prefix))
             for k, blob in blobs.items():
                 txn.put(k, blob)
 
     def load_state(self, name: str) -> dict[str, np.ndarray] | None:
-        """The arrays last committed under ``name`` (new arrays, copies), or None if never saved."""
+        """The arrays last committed under ``name`` (new arrays, copies), or None if never saved.
+
+        CorruptDatastoreError if a saved array is missing or fails its checksum.
+        """
         prefix = _state_prefix(name)
         with self._live_env().begin(db=self._dbs[b"state"]) as txn:
-            cur = txn.cursor()
-            if not cur.set_key(prefix):
+            raw = txn.get(prefix)
+            if raw is None:
                 return None
-            out = {}
-            for k, v in cur:
-                if not k.startswith(prefix):
-                    break
-                if k != prefix:
-                    out[k[len(prefix):].decode("utf-8")] = np.lib.format.read_array(io.BytesIO(v), allow_pickle=False)
+            what = f"state {name!r}"
+            try:
+                keys = json.loads(unpack(raw, what, self.path, prefix))
+                out = {}
+                for k in keys:
+                    full = prefix + k.encode("utf-8")
+                    blob = unpack(txn.get(full), f"{what} array {k!r}", self.path, full)
+                    out[k] = np.lib.format.read_array(io.BytesIO(blob), allow_pickle=False)
+            except (ValueError, TypeError, AttributeError) as e:  # a checksummed value we cannot parse
+                raise CorruptDatastoreError(f"{what} in {self.path} is unreadable ({e}); {REBUILD.format(self.path)}")
             return out
 
     # ---- drafting ----------------------------------------------------------------------------
@@ -263,15 +311,18 @@ class Datastore:
         loaded on first use and shared by every call in this process."""
         if self._online is None:
             saved = self.load_state(ONLINE_STATE) or {}
-            outputs = []
-            if "outputs" in saved:
-                bounds = np.concatenate(([0], np.cumsum(saved["lengths"])))
-                outputs = [saved["outputs"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            outputs = _saved_outputs(saved, vocab_size, self.path)
             rows = saved.get("recycling")
             calibration = {k[len("calibration_"):]: v for k, v in saved.items() if k.startswith("calibration_")}
             if rows is not None and rows.shape[0] != vocab_size:
                 raise ValueError(f"the datastore's recycling matrix has {rows.shape[0]} rows, the model's "
                                  f"vocabulary {vocab_size}: was it built for another model?")
+            try:
+                Calibrator.from_state(calibration) if calibration else None
+            except (ValueError, KeyError) as e:
+                # Kept, it would switch speculation off and be written back by every commit.
+                log.warning("the score calibration saved in %s is invalid (%s): starting it afresh", self.path, e)
+                calibration = {}
             self._online = OnlineState(vocab_size, outputs=outputs, recycling_rows=rows, calibration=calibration)
             self._outputs = outputs
         return self._online
@@ -334,24 +385,19 @@ class Datastore:
         self._online: OnlineState | None = None
         self._outputs: list[np.ndarray] = []
         self._env, self._arrays = None, None
+        self._checked = weakref.WeakSet()  # tokenizers check_model has verified
         if not path.is_dir():
             raise FileNotFoundError(f"no datastore at {path}: build one with: {BUILD.format(path)}")
+        check_marker(path)
         data = path / "meta.lmdb" / "data.mdb"
         if not data.is_file():
-            raise IncompleteDatastoreError(
-                f"{path} has no meta.lmdb/: not a datastore, or its build never finished; {REBUILD.format(path)}"
-            )
+            raise CorruptDatastoreError(f"{data} is missing: the datastore is damaged; {REBUILD.format(path)}")
+        check_lmdb_header(data, path)
         st = os.stat(data)
         self._ident = (st.st_dev, st.st_ino)
-        self._env = lmdb.open(str(data.parent), readonly=readonly, max_dbs=len(DBS), map_size=MAP_SIZE, create=False)
+        self._env = _open_env(path, readonly)
         try:
             self.meta = self._read_meta()
-            version = self.meta.get("format_version")
-            if version != FORMAT_VERSION:
-                raise FormatVersionError(
-                    f"the datastore at {path} has format version {version}; this code reads version "
-                    f"{FORMAT_VERSION}: {REBUILD.format(path)}"
-                )
             self._arrays = map_arrays(path, self.meta["files"])
         except BaseException:
             self.close()
@@ -362,16 +408,33 @@ class Datastore:
             self._dbs = {name: self._env.open_db(name, create=False) for name in DBS}
             with self._env.begin(db=self._dbs[b"meta"]) as txn:
                 raw = txn.get(b"meta")
-        except lmdb.NotFoundError:
-            raw = None
-        except (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError) as e:
-            where = self.path / "meta.lmdb"
-            raise CorruptDatastoreError(f"{where} is damaged ({e}); {REBUILD.format(self.path)}") from e
+                entries = {name: txn.stat(db)["entries"] for name, db in self._dbs.items() if name != b"meta"}
+        except lmdb.Error as e:
+            raise CorruptDatastoreError(f"{self.path / 'meta.lmdb'} is damaged ({e}); {REBUILD.format(self.path)}") from e
         if raw is None:
             raise IncompleteDatastoreError(
                 f"{self.path} has no completed metadata (an interrupted build?); {REBUILD.format(self.path)}"
             )
-        return json.loads(raw)
+        try:
+            meta = json.loads(unpack(raw, "the metadata record", self.path, b"meta"))
+            version = meta["format_version"]
+            counts_match = entries[b"docs"] == meta["documents"] and entries[b"paths"] <= meta["documents"]
+            missing = [k for k in ("files", "tokenizer", "max_token", "tokens", "history") if k not in meta]
+            if missing or "fingerprint" not in meta["tokenizer"]:
+                raise KeyError(missing or "tokenizer fingerprint")
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptDatastoreError(f"the metadata in {self.path} is unreadable ({e}); {REBUILD.format(self.path)}")
+        if version != FORMAT_VERSION:
+            raise FormatVersionError(
+                f"the datastore at {self.path} has format version {version}; this code reads version "
+                f"{FORMAT_VERSION}: {REBUILD.format(self.path)}"
+            )
+        if not counts_match:
+            raise CorruptDatastoreError(
+                f"{self.path / 'meta.lmdb'} holds {entries[b'docs']} document rows for {meta['documents']} "
+                f"documents: it is damaged; {REBUILD.format(self.path)}"
+            )
+        return meta
 
     def _live(self) -> dict[str, np.ndarray]:
         if self._arrays is None:
@@ -401,6 +464,44 @@ class Datastore:
                 "this one opened it; nothing was written: open it again and retry"
             )
 
+
+
+def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
+    """meta.lmdb's environment; read-only without write access to it: without its lock file."""
+    where = str(path / "meta.lmdb")
+    try:
+        return lmdb.open(where, readonly=readonly, max_dbs=len(DBS), map_size=MAP_SIZE, create=False)
+    except (lmdb.ReadonlyError, PermissionError) as e:
+        if not readonly:
+            raise DatastorePermissionError(
+                f"cannot open the datastore at {path} for writing: no write permission on {where} ({e}); open it "
+                "with readonly=True, or run as a user who may write there"
+            ) from None
+    except lmdb.Error as e:
+        raise CorruptDatastoreError(f"{where} cannot be opened ({e}); {REBUILD.format(path)}") from e
+    log.warning("no write access to %s: opened without LMDB's lock file, so reads are not isolated from a "
+                "concurrent state commit (a torn read shows as CorruptDatastoreError)", where)
+    try:
+        return lmdb.open(where, readonly=True, lock=False, max_dbs=len(DBS), map_size=MAP_SIZE, create=False)
+    except lmdb.Error as e:
+        raise CorruptDatastoreError(f"{where} cannot be opened ({e}); {REBUILD.format(path)}") from e
+
+
+def _saved_outputs(saved: dict, vocab_size: int, path: Path) -> list[np.ndarray]:
+    """The past outputs in ``saved`` online state, split by their lengths; ValueError naming
+    the datastore if they hold ids outside [0, vocab_size) (saved with another model)."""
+    if "outputs" not in saved:
+        return []
+    outputs, lengths = saved["outputs"], saved.get("lengths", np.zeros(0, np.int64))
+    if outputs.ndim != 1 or lengths.ndim != 1 or (lengths < 0).any() or lengths.sum() != outputs.shape[0]:
+        raise CorruptDatastoreError(f"the past outputs saved in {path} do not match their lengths; {REBUILD.format(path)}")
+    if outputs.size and (outputs.min() < 0 or outputs.max() >= vocab_size):
+        raise ValueError(
+            f"the past outputs saved in the datastore at {path} hold token ids in [{outputs.min()}, {outputs.max()}], "
+            f"outside the model's vocabulary [0, {vocab_size}): they were generated by another model"
+        )
+    bounds = np.concatenate(([0], np.cumsum(lengths)))
+    return [outputs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _state_prefix(name: str) -> bytes:

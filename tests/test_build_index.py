@@ -93,9 +93,50 @@ def test_kill_during_build_leaves_previous_datastore(tmp_path, tok):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names[0] == "big.rdstore" and all(n.startswith("big.rdstore.incomplete-") for n in names[1:])
+    assert names[0] == "big.rdstore" and len(names) > 2  # the lock, and the killed build's directory
+    assert all(n.startswith("big.rdstore.incomplete-") or n == "big.rdstore.lock" for n in names[1:])
     with Datastore.open(path, tokenizer=tok) as ds:
         assert np.array_equal(ds.tokens, before)
     # The next build clears the dead one's debris.
     Datastore.build(path, [Document("/new.txt", 0, "new")], tok, progress=False).close()
-    assert [p.name for p in tmp_path.iterdir()] == ["big.rdstore"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.rdstore", "big.rdstore.lock"]
+
+
+def test_summary_names_skipped_files_and_says_what_became_of_the_learned_state(tmp_path, tok):
+    """Issue 12 items 11 and 16, as a user sees them."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.md").write_text("# A\n\nsome text")
+    (corpus / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    os.mkfifo(corpus / "pipe.txt")
+    out = tmp_path / "ds"
+    Datastore.build(out, [Document("/a.md", 0, "# A")], tok, progress=False).close()
+    with Datastore.open(out, readonly=False) as ds:
+        ds.save_state("s", {"a": np.arange(3)})
+    p = run(corpus, "--out", out, "--quiet", "--keep-state")
+    assert p.returncode == 0 and "learned state: kept" in p.stdout, p.stderr
+    assert "1 malformed" in p.stdout and "1 special" in p.stdout
+    assert f"malformed: {corpus / 'deep.json'}" in p.stdout and f"special: {corpus / 'pipe.txt'}" in p.stdout
+    p = run(corpus, "--out", out, "--quiet")
+    assert p.returncode == 0 and "dropped (pass --keep-state to keep it)" in p.stdout, p.stderr
+
+
+def test_unwritable_out_and_append_are_one_line_errors(tmp_path, tok):
+    """Issue 12 item 14: root passes permission checks, so the tool runs without the capabilities that allow it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown to nobody")
+    from test_store_hardening import DROP_DAC, give_to_nobody
+
+    corpus = tmp_path / "a.md"
+    corpus.write_text("# A\n\nsome text")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    Datastore.build(theirs / "ds", [Document(str(corpus), 0, "# A")], tok, progress=False).close()
+    give_to_nobody(theirs)
+    code = f"import runpy, sys\n{DROP_DAC}\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+    for args, message in [(["--out", theirs / "new"], "no write permission on"),
+                          (["--out", theirs / "ds", "--append"], "no write permission on")]:
+        p = subprocess.run([sys.executable, "-c", code, str(TOOL), str(corpus), *map(str, args), "--quiet"],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+        assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: ")  # one line, no traceback

@@ -149,3 +149,68 @@ def test_python_stdlib_skips_site_packages():
     assert {"os.py", "json/__init__.py", "LICENSE.txt"} <= names
     assert not any(n.startswith("site-packages/") or "__pycache__" in n for n in names)
     assert skipped.other_type > 0 and skipped.excluded > 0
+
+
+# ---- issue 12, item 11: one bad file never stops a build -----------------------------------------
+
+
+def test_item11_unusable_files_are_skipped_counted_and_named(tmp_path):
+    import os
+
+    write(tmp_path / "good.txt", "fine")
+    write(tmp_path / "deep.json", "[" * 100_000 + "]" * 100_000)
+    write(tmp_path / "deep.jsonl", '{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "nothing")
+    os.mkfifo(tmp_path / "pipe.txt")
+    write(tmp_path / "sub" / "x.txt", "below a link")
+    (tmp_path / "mem.txt").symlink_to("/proc/self/mem")  # a regular file whose read fails (EIO), even for root
+    docs, skipped = read(tmp_path)
+    assert [Path(d.path).name for d in docs] == ["deep.jsonl", "good.txt", "x.txt"]
+    assert (skipped.malformed, skipped.unreadable, skipped.special) == (2, 3, 1)
+    assert skipped.named == {
+        "malformed": [str(tmp_path / "deep.json"), str(tmp_path / "deep.jsonl")],
+        "unreadable": [str(tmp_path / n) for n in ("dangling.txt", "loop.txt", "mem.txt")],
+        "special": [str(tmp_path / "pipe.txt")],
+    }
+    assert "named" not in skipped.as_dict() and skipped.total() == 6
+
+
+@pytest.mark.parametrize("make", ["fifo", "device", "loop"])
+def test_item11_a_fifo_device_or_link_loop_as_the_corpus_is_a_clear_error(tmp_path, make):
+    import os
+
+    root = tmp_path / "corpus"
+    if make == "fifo":
+        os.mkfifo(root)
+    elif make == "device":
+        root = Path("/dev/zero")  # read to the end, it never ends
+    else:
+        root.symlink_to(root)
+    with pytest.raises(EmptyCorpusError, match="special" if make != "loop" else "unreadable"):
+        read(root)
+
+
+def test_item11_a_folder_or_file_without_read_permission_is_skipped(tmp_path):
+    """Root reads anything: the walk runs in a child without the capabilities that allow it."""
+    import os
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown to nobody")
+    from test_store_hardening import DROP_DAC, ROOT
+
+    write(tmp_path / "ok.txt", "fine")
+    write(tmp_path / "locked" / "in.txt", "hidden")
+    write(tmp_path / "secret.txt", "hidden")
+    for p in (tmp_path / "locked", tmp_path / "secret.txt"):
+        os.chown(p, 65534, 65534)
+        p.chmod(0)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n{DROP_DAC}\n"
+            "from retrodraft.retrieval.corpus import SkipCounts, iter_documents\n"
+            "import json; s = SkipCounts(); print(json.dumps([[d.path for d in iter_documents(sys.argv[1], skipped=s)], s.named]))")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout) == [[str(tmp_path / "ok.txt")],
+                                    {"unreadable": [str(tmp_path / "locked"), str(tmp_path / "secret.txt")]}]

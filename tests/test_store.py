@@ -196,21 +196,26 @@ def test_incomplete_or_missing_datastore(tmp_path, tok):
     (tmp_path / "plain").mkdir()
     with pytest.raises(IncompleteDatastoreError, match="build_index.py"):
         Datastore.open(tmp_path / "plain")
-    (tmp_path / "half" / "meta.lmdb").mkdir(parents=True)
-    lmdb.open(str(tmp_path / "half" / "meta.lmdb"), max_dbs=4).close()
-    with pytest.raises(IncompleteDatastoreError):
+    build(tmp_path / "half", tok).close()  # a datastore without its meta record
+    env = lmdb.open(str(tmp_path / "half" / "meta.lmdb"), max_dbs=4, map_size=1 << 36)
+    with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+        txn.delete(b"meta")
+    env.close()
+    with pytest.raises(IncompleteDatastoreError, match="no completed metadata"):
+        Datastore.open(tmp_path / "half")
+    (tmp_path / "half" / "meta.lmdb" / "data.mdb").unlink()
+    with pytest.raises(CorruptDatastoreError, match=r"meta\.lmdb/data\.mdb is missing"):
         Datastore.open(tmp_path / "half")
 
 
 def test_other_format_version_is_refused(tmp_path, tok):
     build(tmp_path / "ds", tok).close()
-    env = lmdb.open(str(tmp_path / "ds" / "meta.lmdb"), max_dbs=4, map_size=1 << 36)
-    db = env.open_db(b"meta")
-    with env.begin(write=True, db=db) as txn:
-        meta = json.loads(txn.get(b"meta"))
-        txn.put(b"meta", json.dumps(dict(meta, format_version=99)).encode())
-    env.close()
+    marker = tmp_path / "ds" / "retrodraft-datastore.json"
+    marker.write_text(json.dumps(dict(json.loads(marker.read_text()), format_version=99)))
     with pytest.raises(FormatVersionError, match="version 99"):
+        Datastore.open(tmp_path / "ds")
+    marker.unlink()  # as a datastore of format 1 had none
+    with pytest.raises(FormatVersionError, match="format version 1.*build_index.py"):
         Datastore.open(tmp_path / "ds")
 
 
@@ -260,7 +265,7 @@ def test_build_replaces_only_datastores_and_removes_dead_builds(tmp_path, tok):
         build(tmp_path / "ds", tok, DOCS_B).close()
     finally:
         os.close(fd)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds.incomplete-live", "mine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds.incomplete-live", "ds.lock", "mine"]
     with Datastore.open(tmp_path / "ds") as ds:
         assert ds.num_documents == 2
 
@@ -268,7 +273,7 @@ def test_build_replaces_only_datastores_and_removes_dead_builds(tmp_path, tok):
 def test_no_documents_is_an_error(tmp_path, tok):
     with pytest.raises(EmptyCorpusError):
         build(tmp_path / "ds", tok, [])
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["ds.lock"]  # the writers' lock, nothing else
 
 
 def test_closed_datastore_refuses_reads(tmp_path, tok):

@@ -1,7 +1,7 @@
 """Build a retrodraft datastore from a corpus, or append a corpus to one.
 
 usage: python tools/build_index.py CORPUS [--out DIR] [--model PATH] [--field NAME ...]
-                                   [--append] [--exclude NAME ...] [--no-default-excludes]
+                                   [--append] [--keep-state] [--exclude NAME ...] [--no-default-excludes]
                                    [--workers N] [--shards N [--ray-address ADDR]] [--quiet]
 
 CORPUS is a directory (walked recursively) or one file: .txt .md .rst and source files are
@@ -59,6 +59,13 @@ def summary(ds, out: Path) -> str:
         lines.append(f"  {phase:<13} {seconds:8.2f} s  {rates[phase]:12,.0f} tok/s")
     skipped = ", ".join(f"{n} {reason}" for reason, n in s.skipped.as_dict().items() if n)
     lines.append(f"  skipped: {skipped or 'nothing'}")
+    for reason, names in s.skipped.named.items():
+        more = getattr(s.skipped, reason) - len(names)
+        lines.append(f"    {reason}: {', '.join(names)}" + (f" and {more} more" if more > 0 else ""))
+    if s.state == "dropped":
+        lines.append("  learned state of the replaced datastore: dropped (pass --keep-state to keep it)")
+    elif s.state == "carried":
+        lines.append("  learned state: kept")
     return "\n".join(lines)
 
 
@@ -84,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("corpus", type=Path, help="directory or file to index")
     ap.add_argument("--out", type=Path, default=None,
                     help="datastore directory (default: CORPUS.rdstore beside the corpus, or ./NAME.rdstore "
-                         "if that directory is read-only); an existing datastore there is replaced atomically")
+                         "if that directory is read-only); an existing datastore there is replaced atomically, "
+                         "keeping files in it the datastore did not create; any other existing path is refused")
     ap.add_argument("--model", default=None,
                     help="local Hugging Face model directory whose tokenizer to use (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--field", "--fields", dest="fields", action="append", default=None, metavar="NAME",
@@ -93,6 +101,10 @@ def main(argv: list[str] | None = None) -> None:
                          "conversations, messages, those present, joined by a blank line)")
     ap.add_argument("--append", action="store_true",
                     help="add the corpus's documents to the existing datastore at --out instead of replacing it")
+    ap.add_argument("--keep-state", action="store_true",
+                    help="when replacing a datastore, keep what generation learned with it (past outputs, "
+                         "recycling matrix, calibration); it needs the same tokenizer. Without it the learned "
+                         "state is dropped with the old version (appends always keep it)")
     ap.add_argument("--exclude", action="append", default=[], metavar="NAME",
                     help="directory name to leave out of the walk (repeatable), besides the defaults")
     ap.add_argument("--no-default-excludes", action="store_true",
@@ -154,9 +166,10 @@ def main(argv: list[str] | None = None) -> None:
                 ds.append(documents, tokenizer, progress=not args.quiet, skipped=skipped)
                 print(summary(ds, out))
         else:
-            with Datastore.build(out, documents, tokenizer, progress=not args.quiet, skipped=skipped) as ds:
+            with Datastore.build(out, documents, tokenizer, progress=not args.quiet, skipped=skipped,
+                                 keep_state=args.keep_state) as ds:
                 print(summary(ds, out))
-    except (DatastoreError, EmptyCorpusError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (DatastoreError, EmptyCorpusError, OSError, ModuleNotFoundError) as e:
         die(str(e))
 
 
