@@ -13,6 +13,7 @@ import torch
 
 from retrodraft.decode.acceptance import accept_greedy, accept_sampling
 from retrodraft.decode.budget import CostModel, choose_budget
+from retrodraft.decode.keys import nest_drafters
 from retrodraft.decode.tree_attention import compact_cache, new_cache, verification_kernels, tree_inputs
 from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter, RecyclingDrafter, ReferenceDrafter, as_token_array
 from retrodraft.retrieval.calibration import Calibrator, verdicts
@@ -129,7 +130,7 @@ def _default_drafters(model, references, tokenizer, datastore) -> list[Drafter]:
             names.append(f"reference {i}")
         drafters.append(ReferenceDrafter(docs, names))
     if datastore is not None:
-        return drafters + datastore.drafters(model.config.vocab_size)
+        return drafters + datastore.drafters(model.config.vocab_size) + nest_drafters(model, datastore)
     return drafters + online_state(model).drafters()
 
 
@@ -187,6 +188,7 @@ def generate(
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) if do_sample else None
     want_topk = any(d.needs_topk for d in drafters)
+    want_hidden = any(_needs_hidden(d) for d in drafters)
     stats = GenerationStats(accepted_per_drafter={d.name: 0 for d in drafters})
     spans: list[Span] = []
 
@@ -200,14 +202,17 @@ def generate(
     with verification_kernels(model):
         # Prefill all prompt tokens but the last; the last is the root of the first step.
         if prompt_len > 1:
-            model.base_model(input_ids=input_ids[:, :-1].to(model.device), past_key_values=cache, use_cache=True)
+            out = model.base_model(input_ids=input_ids[:, :-1].to(model.device), past_key_values=cache, use_cache=True)
+            if want_hidden:
+                _give_hidden(drafters, out.last_hidden_state[0, -1])
         length, done = prompt_len, False
         while not done:
             t0 = time.perf_counter()
             tree, proposed = _propose(drafters, tokens[:length], budget, end - length - 1, calibrator,
                                       costs.table(length) if costs is not None else None)
             t1 = time.perf_counter()
-            path, bonus, rows = _verify(model, cache, tree, int(tokens[length - 1]), length - 1, sampling, want_topk)
+            path, bonus, rows, hidden = _verify(model, cache, tree, int(tokens[length - 1]), length - 1, sampling,
+                                                want_topk, want_hidden)
             t2 = time.perf_counter()
 
             new = [int(t) for t in tree.tokens[path]] + [bonus]  # <= end - length: depth < that
@@ -221,7 +226,7 @@ def generate(
             stats.steps += 1
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += t2 - t1
-            _learn(drafters, proposed, tokens[:length], len(new), rows, calibrator)
+            _learn(drafters, proposed, tokens[:length], len(new), rows, calibrator, hidden)
             if streamer is not None:
                 streamer.put(torch.tensor(new))
     if streamer is not None:
@@ -251,11 +256,12 @@ def _agreeing(drafters: Sequence[Drafter], mask: int) -> str:
 
 
 def _verify(model, cache, tree: DraftTree, root: int, past: int, sampling: dict | None,
-            want_topk: bool) -> tuple[list[int], int, np.ndarray | None]:
+            want_topk: bool, want_hidden: bool = False) -> tuple[list[int], int, np.ndarray | None, torch.Tensor | None]:
     """One forward of the target over [root + tree] after ``past`` cached tokens: the
-    accepted path (node indices), the bonus token and, if ``want_topk``, every verified
-    row's top-k (see ``_topk_rows``). The cache is compacted to the accepted path.
-    ``sampling``: accept_sampling's settings, None for greedy."""
+    accepted path (node indices), the bonus token, if ``want_topk`` every verified row's
+    top-k (see ``_topk_rows``) and, if ``want_hidden``, the final hidden state [d] of the
+    last accepted row (the one that chose the bonus token). The cache is compacted to the
+    accepted path. ``sampling``: accept_sampling's settings, None for greedy."""
     ids, positions, mask = tree_inputs(root, tree, past, model.device, model.dtype)
     hidden = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
                               use_cache=True).last_hidden_state[0]  # [n+1, d]
@@ -266,7 +272,8 @@ def _verify(model, cache, tree: DraftTree, root: int, past: int, sampling: dict 
     else:
         path, bonus = accept_sampling(tree, lambda row: head(hidden[row]), **sampling)
     compact_cache(cache, past, [0] + [i + 1 for i in path])
-    return path, bonus, _topk_rows(ids, logits) if want_topk else None
+    last = hidden[path[-1] + 1 if path else 0] if want_hidden else None
+    return path, bonus, _topk_rows(ids, logits) if want_topk else None, last
 
 
 def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int | None, max_depth: int,
@@ -311,10 +318,27 @@ def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int | Non
     return tree, proposed
 
 
+def _needs_hidden(d: Drafter) -> bool:
+    return getattr(d, "needs_hidden", False)
+
+
+def _give_hidden(drafters: Sequence[Drafter], hidden) -> None:
+    """Hand the hidden state of the last accepted position (tensor or array [d]) to the
+    drafters that ask for it (``needs_hidden``), as float32 numpy, once per step."""
+    if hidden is None:
+        return
+    h = hidden.float().cpu().numpy() if torch.is_tensor(hidden) else np.asarray(hidden, np.float32)
+    for d in drafters:
+        if _needs_hidden(d):
+            d.observe_hidden(h)
+
+
 def _learn(drafters: Sequence[Drafter], proposed: list[Proposal], context: np.ndarray,
-           emitted: int, rows: np.ndarray | None, calibrator: Calibrator | None) -> None:
-    """After a step: drafters observe the context (whose last ``emitted`` tokens are new) and
-    the verified rows they asked for; the calibrator scores what each had proposed."""
+           emitted: int, rows: np.ndarray | None, calibrator: Calibrator | None, hidden=None) -> None:
+    """After a step: drafters observe the context (whose last ``emitted`` tokens are new),
+    the verified rows and the last accepted position's hidden state, if they asked for
+    them; the calibrator scores what each had proposed."""
+    _give_hidden(drafters, hidden)
     new = context[context.shape[0] - emitted:]
     for d in drafters:
         d.observe(context, new, rows if d.needs_topk else None)

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from retrodraft.decode.acceptance import accept_greedy
-from retrodraft.decode.generation import _learn, _propose
+from retrodraft.decode.generation import _give_hidden, _learn, _propose
 from retrodraft.retrieval.calibration import Calibrator
 from retrodraft.retrieval.drafters import Drafter
 
@@ -45,7 +45,8 @@ def load_traces(path: str | Path) -> list[Trace]:
 
 
 def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
-           cost_table: np.ndarray | None = None, calibrator: Calibrator | None = None) -> tuple[int, int, float]:
+           cost_table: np.ndarray | None = None, calibrator: Calibrator | None = None,
+           hidden: np.ndarray | None = None) -> tuple[int, int, float]:
     """(steps, new tokens, verification cost) of greedy speculative decoding of ``trace``.
 
     budget: fixed nodes per step, or None with ``cost_table`` (c(n), as
@@ -54,13 +55,18 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
     the table predicts, loop overhead aside. ``calibrator`` calibrates and learns as in
     ``generate`` with its default drafters. Drafters that need
     top-k learn from the recorded top-k of the accepted rows only (the trace has no
-    top-k for rejected nodes, which a real run also feeds them).
+    top-k for rejected nodes, which a real run also feeds them). ``hidden``: float32
+    [len(prompt) + len(output), d], the target's final hidden state at every position
+    (``decode.keys.sequence_hidden``; traces hold none): drafters that need it get the
+    last accepted position's, as in ``generate``; without it they get nothing.
     """
     if budget is None and cost_table is None:
         raise ValueError("pass a budget, or a cost table for the automatic budget")
     tokens = np.concatenate([trace.prompt, trace.output])
     prompt_len, end = len(trace.prompt), len(tokens)
     length, steps, cost = prompt_len, 0, 0.0
+    at = (lambda n: hidden[n - 2] if n >= 2 else None) if hidden is not None else (lambda n: None)
+    _give_hidden(drafters, at(length))
     while length < end:
         tree, proposed = _propose(drafters, tokens[:length], budget, end - length - 1, calibrator, cost_table)
         if cost_table is not None:
@@ -77,18 +83,21 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
             rows = np.concatenate([tokens[length - 1 : length + len(path), None], trace.topk[at]], axis=1)
         length += len(new)
         steps += 1
-        _learn(drafters, proposed, tokens[:length], len(new), rows, calibrator)
+        _learn(drafters, proposed, tokens[:length], len(new), rows, calibrator, at(length))
     return steps, end - prompt_len, cost
 
 
 def replay_all(traces: Sequence[Trace], make_drafters: Callable[[], Sequence[Drafter]],
                budget: int | None = None, cost_table: np.ndarray | None = None,
-               calibrator: Calibrator | None = None) -> dict[str, tuple[float, float]]:
+               calibrator: Calibrator | None = None,
+               hidden: Callable[[Trace], np.ndarray] | None = None) -> dict[str, tuple[float, float]]:
     """Per category and ``overall``: (mean accepted tokens per step, predicted speedup =
-    tokens / summed cost, or 0 without a cost table), pooled over traces."""
+    tokens / summed cost, or 0 without a cost table), pooled over traces. ``hidden(trace)``
+    gives a trace's hidden states for drafters that need them (see ``replay``)."""
     totals: dict[str, list[float]] = {}
     for t in traces:
-        steps, new, cost = replay(t, make_drafters(), budget, cost_table, calibrator)
+        steps, new, cost = replay(t, make_drafters(), budget, cost_table, calibrator,
+                                  hidden(t) if hidden is not None else None)
         for key in (t.category, "overall"):
             s = totals.setdefault(key, [0, 0, 0.0])
             s[0] += steps

@@ -8,6 +8,8 @@ from retrodraft.retrieval.errors import (
     DatastoreError,
     FormatVersionError,
     IncompleteDatastoreError,
+    KeyModelMismatchError,
+    MissingKeysError,
     ReadOnlyDatastoreError,
     StaleDatastoreError,
     TokenizerMismatchError,
@@ -18,6 +20,7 @@ from retrodraft.retrieval.tree import DraftTree, fuse, prune
 __all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter"]
 __all__ += [
     "Datastore", "DatastoreError", "CorruptDatastoreError", "FormatVersionError", "IncompleteDatastoreError",
+    "KeyModelMismatchError", "MissingKeysError",
     "ReadOnlyDatastoreError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
     "Document", "EmptyCorpusError", "SkipCounts", "iter_documents",
 ]

@@ -46,7 +46,7 @@ class BuildStats:
     documents, tokens              added by this call (tokens exclude the -1 separators)
     total_documents, total_tokens  in the datastore afterwards
     bytes_on_disk                  size of the datastore's files afterwards
-    seconds                        per phase: read, tokenize, suffix_array, write
+    seconds                        per phase: read, tokenize, suffix_array, [keys, bm25,] write
     skipped                        the corpus walk's counts, if the caller passed them
     """
 
@@ -60,7 +60,7 @@ class BuildStats:
 
     def tokens_per_second(self) -> dict[str, float]:
         """Per phase: read and tokenize over the tokens added, the rest over all tokens."""
-        work = {"read": self.tokens, "tokenize": self.tokens}
+        work = {"read": self.tokens, "tokenize": self.tokens, "keys": self.tokens}
         return {k: work.get(k, self.total_tokens) / max(s, 1e-9) for k, s in self.seconds.items()}
 
 
@@ -126,8 +126,12 @@ def _tokenize(documents: Iterable[Document], tokenizer, progress: bool, seconds:
     return chunks, np.asarray(lengths, np.int64), np.asarray(rows, np.int64).reshape(-1, 2), list(path_ids)
 
 
-def write_version(path: Path, base: Datastore | None, documents, tokenizer, progress: bool, skipped) -> BuildStats:
-    """Build the next version of the datastore at ``path`` (``base``'s documents first) and swap it in."""
+def write_version(path: Path, base: Datastore | None, documents, tokenizer, progress: bool, skipped,
+                  keys=None) -> BuildStats:
+    """Build the next version of the datastore at ``path`` (``base``'s documents first) and swap it in.
+
+    ``keys``: a ``keys_store.KeyBuilder`` whose NEST files join this version, or None for none.
+    """
     if path.exists() and not (path / "meta.lmdb").is_dir():
         raise FileExistsError(f"{path} exists and is not a datastore; not replacing it: choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,9 +153,15 @@ def write_version(path: Path, base: Datastore | None, documents, tokenizer, prog
             bar.update(stream.shape[0])
         seconds["suffix_array"] = time.perf_counter() - t0
 
+        key_arrays, key_meta = {}, None
+        if keys is not None:
+            key_arrays, key_meta, key_seconds = keys(tmp, stream, offsets, base, progress)
+            seconds.update(key_seconds)
+
         t0 = time.perf_counter()
-        files = _write_arrays(tmp, {"tokens": stream, "doc_offsets": offsets, "suffix_array": sa}, progress)
-        del stream, sa
+        files = _write_arrays(tmp, {"tokens": stream, "doc_offsets": offsets, "suffix_array": sa, **key_arrays},
+                              progress)
+        del stream, sa, key_arrays
         added = {
             "op": "append" if base else "build", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "documents": len(lengths), "tokens": int(lengths.sum()), "batch_chars": BATCH_CHARS,
@@ -161,6 +171,7 @@ def write_version(path: Path, base: Datastore | None, documents, tokenizer, prog
             "format_version": FORMAT_VERSION, "tokenizer": info,
             "documents": offsets.shape[0] - 1, "tokens": (base.num_tokens if base else 0) + added["tokens"],
             "history": (base.meta["history"] if base else []) + [added], "files": files,
+            **({"keys": key_meta} if key_meta is not None else {}),
         }
         _write_tables_and_swap(tmp, path, base, meta, rows, offsets, lengths, paths)
         seconds["write"] = time.perf_counter() - t0

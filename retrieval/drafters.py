@@ -28,6 +28,11 @@ class Drafter(Protocol):
     verified tree rows as int32 [rows, 1 + k]: each row's input token, then the target's
     top-k ids after it; otherwise None. A drafter that copies from documents also has
     ``locate(origin) -> (document, token offset)`` for the origins it puts in its trees.
+    A drafter that reads the target's hidden state sets ``needs_hidden = True`` and has
+    ``observe_hidden(hidden)``: the engine calls it after the prefill and after every step,
+    before the next ``propose``, with float32 [d], the final hidden state at the last
+    accepted position (the verification forward computed it; no extra forward). Drafters
+    without the attribute get nothing.
     """
 
     name: str

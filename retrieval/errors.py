@@ -27,3 +27,11 @@ class ReadOnlyDatastoreError(DatastoreError):
 class StaleDatastoreError(DatastoreError):
     """The datastore at the path was replaced after this process opened it."""
 
+
+
+class KeyModelMismatchError(DatastoreError):
+    """The datastore's NEST keys were made by another model than the one given."""
+
+
+class MissingKeysError(DatastoreError):
+    """An append to a datastore with NEST keys was not given the model to extend them."""

@@ -29,6 +29,7 @@ from retrodraft.retrieval.errors import (
     DatastoreError,
     FormatVersionError,
     IncompleteDatastoreError,
+    MissingKeysError,
     ReadOnlyDatastoreError,
     StaleDatastoreError,
     TokenizerMismatchError,
@@ -100,6 +101,7 @@ class Datastore:
         *,
         progress: bool = True,
         skipped: SkipCounts | None = None,
+        keys=None,
     ) -> Datastore:
         """Tokenize ``documents`` and write a datastore at ``path``, replacing any there.
 
@@ -109,17 +111,19 @@ class Datastore:
         the SkipCounts the corpus walk fills, recorded in the stats and metadata.
         ``progress`` shows a bar per phase on stderr. An existing directory at ``path``
         is replaced only if it is a datastore (FileExistsError otherwise); the swap is
-        atomic. Raises EmptyCorpusError if there are no documents. Returns the new
-        datastore, opened read-only, with ``stats`` set.
+        atomic. Raises EmptyCorpusError if there are no documents. ``keys``: a
+        ``keys_store.KeyBuilder`` to add NEST keys (see retrieval.keys_store). Returns the
+        new datastore, opened read-only, with ``stats`` set.
         """
         path = Path(path).absolute()
-        stats = write_version(path, None, documents, tokenizer, progress, skipped)
+        stats = write_version(path, None, documents, tokenizer, progress, skipped, keys)
         ds = cls.open(path)
         ds.stats = stats
         return ds
 
     def append(
-        self, documents: Iterable[Document], tokenizer, *, progress: bool = True, skipped: SkipCounts | None = None
+        self, documents: Iterable[Document], tokenizer, *, progress: bool = True, skipped: SkipCounts | None = None,
+        keys=None,
     ) -> BuildStats:
         """Add ``documents`` after the existing ones and swap the new version in atomically.
 
@@ -129,10 +133,18 @@ class Datastore:
         since this one opened it, raises StaleDatastoreError and changes nothing. Other
         state writers wait only while the state is copied and the version swapped. This
         object then reads the new version; returns the stats (also in ``self.stats``).
+        A datastore with NEST keys needs ``keys`` (a KeyBuilder of the same model) to extend
+        them to the new documents (MissingKeysError, KeyModelMismatchError).
         """
         self._writable("append to")
         self.check_tokenizer(tokenizer)
-        self.stats = write_version(self.path, self, documents, tokenizer, progress, skipped)
+        if keys is None and "keys" in self.meta:
+            raise MissingKeysError(
+                f"the datastore at {self.path} holds NEST keys: appending needs the model that made them "
+                f"({self.meta['keys']['model']['name']!r}) to encode the new documents: "
+                f"python tools/build_index.py CORPUS --append --model MODEL --out {self.path}"
+            )
+        self.stats = write_version(self.path, self, documents, tokenizer, progress, skipped, keys)
         self.close()
         self._attach(self.path, readonly=False)
         return self.stats
@@ -182,6 +194,22 @@ class Datastore:
                 f"that model's tokenizer: python tools/build_index.py CORPUS --model MODEL --out {self.path}"
             )
 
+    def array(self, name: str) -> np.ndarray | None:
+        """The Arrow file ``name`` as a 1-D read-only view into its memory map, or None if
+        this datastore has no such file."""
+        return self._live().get(name)
+
+    def nest_index(self):
+        """The NEST keys, projection and first stage (``keys_store.NestIndex``), or None if
+        the datastore was built without --keys. Made on first use, then shared."""
+        if "keys" not in self.meta:
+            return None
+        if self._nest is None:
+            from retrodraft.retrieval.keys_store import NestIndex
+
+            self._nest = NestIndex(self)
+        return self._nest
+
     def document(self, doc_id: int) -> DocumentEntry:
         """The document table's row for ``doc_id`` in [0, num_documents) (ValueError outside)."""
         if not 0 <= doc_id < self.num_documents:
@@ -202,6 +230,11 @@ class Datastore:
         doc = int(np.searchsorted(self.doc_offsets, position, side="right")) - 1
         entry = self.document(doc)
         return Location(entry.path, entry.record, position - entry.start)
+
+    def cite(self, position: int) -> tuple[str, int]:
+        """``locate`` as drafters' attribution: ("path" or "path#record", token offset)."""
+        loc = self.locate(position)
+        return (loc.path if loc.record == 0 else f"{loc.path}#{loc.record}"), loc.offset
 
     # ---- online state --------------------------------------------------------------------
 
@@ -272,11 +305,7 @@ class Datastore:
     def drafters(self, vocab_size: int) -> list[Drafter]:
         """Fresh per-call drafters: the corpus (REST over the suffix array), past outputs
         and token recycling."""
-        def locate(position: int) -> tuple[str, int]:
-            loc = self.locate(position)
-            return (loc.path if loc.record == 0 else f"{loc.path}#{loc.record}"), loc.offset
-
-        return [CorpusDrafter(self.tokens, self.suffix_array, locate), *self.online(vocab_size).drafters()]
+        return [CorpusDrafter(self.tokens, self.suffix_array, self.cite), *self.online(vocab_size).drafters()]
 
     def commit(self, output: np.ndarray) -> None:
         """Persist one call's output, the recycling matrix and the score calibration, in one
@@ -321,6 +350,7 @@ class Datastore:
     def _attach(self, path: Path, readonly: bool) -> None:
         self.path, self.readonly = path, readonly
         self._online: OnlineState | None = None
+        self._nest = None
         self._outputs: list[np.ndarray] = []
         self._env, self._arrays = None, None
         if not path.is_dir():
