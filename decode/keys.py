@@ -76,11 +76,13 @@ class ModelEncoder:
         step = self.window - self.overlap
         jobs = [(i, s, 0 if s == 0 else s + self.overlap)
                 for i, d in enumerate(docs) for s in range(0, max(len(d) - self.overlap, 1), step) if len(d)]
-        per_batch = max(1, self.batch_tokens // self.window)
-        for b in range(0, len(jobs), per_batch):
-            batch = jobs[b : b + per_batch]
+        # longest first, so a batch pads little; a batch holds about batch_tokens padded tokens
+        jobs.sort(key=lambda j: -min(self.window, len(docs[j[0]]) - j[1]))
+        while jobs:
+            n = min(self.window, len(docs[jobs[0][0]]) - jobs[0][1])  # the batch's longest window
+            take = max(1, self.batch_tokens // n)
+            batch, jobs = jobs[:take], jobs[take:]
             pieces = [docs[i][s : s + self.window] for i, s, _ in batch]
-            n = max(len(p) for p in pieces)
             ids = torch.zeros((len(pieces), n), dtype=torch.long)
             mask = torch.zeros((len(pieces), n), dtype=torch.long)
             for r, p in enumerate(pieces):

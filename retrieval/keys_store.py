@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 MAX_DIMS = 128
 SAMPLE_TOKENS = 8192  # hidden states the projection is fitted on
-ENCODE_TOKENS = 16384  # tokens handed to the encoder per call while building
+ENCODE_TOKENS = 4096  # tokens handed to the encoder per call while building (the bar moves per call)
 KEYS_STATE = "nest_keys:{}"
 MODES = ("all", "lazy")
 

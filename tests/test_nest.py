@@ -295,3 +295,36 @@ def test_real_model_greedy_with_nest_equals_model_generate_and_cites(smollm, tmp
         for s in cited:
             assert s.document == "/doc/answer.txt"
             assert new[s.start : s.start + s.length] == answer_ids[s.offset : s.offset + s.length]
+
+
+@pytest.mark.model
+def test_bench_replays_and_runs_nest(smollm, tmp_path, capsys):
+    """bench.py: replay --hidden puts NEST beside the others; run times drafter:nest and the
+    fused engine with and without it, with outputs identical to vanilla's."""
+    import json
+
+    from retrodraft.tools import bench
+
+    model, tok = smollm
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "qa",
+                                     "turns": ["What does heappop do to a heap?"]}) + "\n")
+    store = tmp_path / "docs.rdstore"
+    Datastore.build(store, DOCS, tok, progress=False, keys=KeyBuilder(ModelEncoder(model))).close()
+    traces = tmp_path / "traces.jsonl"
+    bench.main(["record", "--questions", str(questions), "--max-new-tokens", "12", "--out", str(traces)])
+    bench.main(["replay", str(traces), "--budgets", "8", "--datastore", str(store), "--hidden",
+                "--drafters", "prompt_lookup,nest,recycling"])
+    table = capsys.readouterr().out
+    assert "\nnest " in table and "prompt_lookup+nest+recycling" in table and "prompt_lookup+recycling " in table
+    with pytest.raises(SystemExit, match="keys"):
+        bench.main(["replay", str(traces), "--budgets", "8", "--hidden"])
+    out = tmp_path / "results.json"
+    bench.main(["--questions", str(questions), "--max-new-tokens", "12", "--warmup", "0", "--datastore", str(store),
+                "--methods", "drafter:nest,retrodraft,retrodraft:no_nest", "--out", str(out), "--chart",
+                str(tmp_path / "c.png")])
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["vanilla", "drafter:nest", "retrodraft", "retrodraft:no_nest"]
+    assert all(cell["identical"] for m in results.values() for cell in m.values())
+    with pytest.raises(SystemExit, match="unknown --methods"):
+        bench.main(["--questions", str(questions), "--datastore", str(store), "--methods", "drafter:nope"])
