@@ -17,9 +17,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from retrodraft.decode.acceptance import accept_greedy
-from retrodraft.decode.generation import _give_hidden, _learn, _propose
 from retrodraft.retrieval.calibration import Calibrator
+from retrodraft.retrieval.config import DEFAULT, SpeculationConfig
 from retrodraft.retrieval.drafters import Drafter
+from retrodraft.retrieval.speculator import Speculator
 
 
 @dataclass
@@ -46,7 +47,7 @@ def load_traces(path: str | Path) -> list[Trace]:
 
 def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
            cost_table: np.ndarray | None = None, calibrator: Calibrator | None = None,
-           hidden: np.ndarray | None = None) -> tuple[int, int, float]:
+           config: SpeculationConfig = DEFAULT, hidden: np.ndarray | None = None) -> tuple[int, int, float]:
     """(steps, new tokens, verification cost) of greedy speculative decoding of ``trace``.
 
     budget: fixed nodes per step, or None with ``cost_table`` (c(n), as
@@ -58,32 +59,33 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
     top-k for rejected nodes, which a real run also feeds them). ``hidden``: float32
     [len(prompt) + len(output), d], the target's final hidden state at every position
     (``decode.keys.sequence_hidden``; traces hold none): drafters that need it get the
-    last accepted position's, as in ``generate``; without it they get nothing.
+    accepted rows' states, as in ``generate``; without it they get none.
     """
-    if budget is None and cost_table is None:
-        raise ValueError("pass a budget, or a cost table for the automatic budget")
+    spec = Speculator(drafters, calibrator, budget=budget, cost=cost_table, config=config)
     tokens = np.concatenate([trace.prompt, trace.output])
     prompt_len, end = len(trace.prompt), len(tokens)
     length, steps, cost = prompt_len, 0, 0.0
-    at = (lambda n: hidden[n - 2] if n >= 2 else None) if hidden is not None else (lambda n: None)
-    _give_hidden(drafters, at(length))
     while length < end:
-        tree, proposed = _propose(drafters, tokens[:length], budget, end - length - 1, calibrator, cost_table)
+        tree = spec.propose(tokens[:length], room=end - length)
         if cost_table is not None:
             cost += float(cost_table[min(len(tree), len(cost_table) - 1)])
         truth = tokens[length:]
         # The target's argmax at each tree row is the recorded token at that depth.
         argmax_rows = truth[np.concatenate(([0], np.minimum(tree.depths(), len(truth) - 1)))]
         path, _ = accept_greedy(tree, argmax_rows)
-        new = tokens[length : length + len(path) + 1]  # int32, like generate's emitted tokens
-        rows = None
-        if any(d.needs_topk for d in drafters):
+        rows, states = None, None
+        if hidden is not None and spec.needs_hidden:
+            # verified rows as generate's forward has them; only the root's and the accepted
+            # nodes' are read, and those are the states at positions length - 1 ...
+            states = np.zeros((len(tree) + 1, hidden.shape[1]), np.float32)
+            states[[0] + [i + 1 for i in path]] = hidden[length - 1 : length + len(path)]
+        if spec.needs_topk:
             # rows: the root and the accepted nodes; topk[i] is what the target ranked for output[i]
             at = np.arange(length, length + len(path) + 1) - prompt_len
             rows = np.concatenate([tokens[length - 1 : length + len(path), None], trace.topk[at]], axis=1)
-        length += len(new)
+        length += len(path) + 1
         steps += 1
-        _learn(drafters, proposed, tokens[:length], len(new), rows, calibrator, at(length))
+        spec.observe(tokens[:length], len(path) + 1, rows, states)
     return steps, end - prompt_len, cost
 
 
@@ -97,7 +99,7 @@ def replay_all(traces: Sequence[Trace], make_drafters: Callable[[], Sequence[Dra
     totals: dict[str, list[float]] = {}
     for t in traces:
         steps, new, cost = replay(t, make_drafters(), budget, cost_table, calibrator,
-                                  hidden(t) if hidden is not None else None)
+                                  hidden=hidden(t) if hidden is not None else None)
         for key in (t.category, "overall"):
             s = totals.setdefault(key, [0, 0, 0.0])
             s[0] += steps

@@ -35,9 +35,9 @@ class NestDrafter:
     max_rows:    key rows stage 1 gathers per request
     mismatch:    weight of a hit whose next corpus token is not the context's last token
     first/decay: depth prior first * decay ** (depth - 1)
-    ``observe_hidden`` must be given the hidden state of the last accepted position before
-    each ``propose`` (the engine does so for drafters whose ``needs_hidden`` is True); until
-    then it proposes nothing.
+    Each step's query is the last row of the ``hidden`` that ``observe`` gets (the engine
+    passes it to drafters whose ``needs_hidden`` is True): the state at the last accepted
+    position. Until the first observed step (after the prompt) it proposes nothing.
     """
 
     name = "nest"
@@ -56,9 +56,12 @@ class NestDrafter:
         self._positions = np.empty(0, np.int64)
         self._query: np.ndarray | None = None
 
-    def observe_hidden(self, hidden: np.ndarray) -> None:
-        """float [h]: the target's final hidden state at the last accepted position."""
-        self._query = self.index.projection(np.asarray(hidden, np.float32).reshape(-1))
+    def observe(self, context: np.ndarray, accepted: np.ndarray, topk: np.ndarray | None,
+                hidden: np.ndarray | None = None) -> None:
+        """Keeps the projected last row of ``hidden`` (float [len(accepted), h]) as the next
+        query; nothing else to learn."""
+        self._query = None if hidden is None or not len(hidden) else self.index.projection(
+            np.asarray(hidden[-1], np.float32))
 
     def search(self, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(stream positions int64 [<= k], squared distances float32) of this step's hits,
@@ -109,9 +112,6 @@ class NestDrafter:
         prior = self.first * self.decay ** (depths_of(parents_a) - 1)
         return DraftTree(np.asarray(tokens, np.int32), parents_a, (np.asarray(scores) * prior).astype(np.float32),
                          np.zeros(len(tokens), np.uint8), np.asarray(origins, np.int64))
-
-    def observe(self, context: np.ndarray, accepted: np.ndarray, topk: np.ndarray | None) -> None:
-        """Nothing to learn: the next query arrives through ``observe_hidden``."""
 
     def locate(self, origin: int) -> tuple[str, int]:
         return self.index.datastore.cite(origin)

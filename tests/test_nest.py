@@ -104,7 +104,7 @@ def test_two_stage_search_equals_brute_force(store, tok, seed):
     prompt = np.asarray(tok("heap item smallest sorted insertion point")["input_ids"], np.int32)
     drafter = NestDrafter(index, k=5)
     hidden = np.random.default_rng(seed).standard_normal(index.meta["hidden_size"]).astype(np.float32)
-    drafter.observe_hidden(hidden)
+    drafter.observe(prompt, prompt[-1:], None, hidden=hidden[None])
     hits, dist = drafter.search(prompt)
     docs = index.documents(prompt, drafter.max_rows)
     o = store.doc_offsets
@@ -121,7 +121,7 @@ def test_spans_cite_the_text_they_copy(store, tok):
     drafter = NestDrafter(index, k=8, depth=6)
     prompt = np.asarray(tok("dedent whitespace")["input_ids"], np.int32)
     assert len(drafter.propose(prompt, 64)) == 0  # no hidden state yet: no draft
-    drafter.observe_hidden(np.random.default_rng(3).standard_normal(index.meta["hidden_size"]))
+    drafter.observe(prompt, prompt[-1:], None, hidden=np.random.default_rng(3).standard_normal((1, index.meta["hidden_size"])))
     tree = drafter.propose(prompt, 64)
     tree.validate()
     assert len(tree) > 0 and (tree.origins >= 0).all()
@@ -153,43 +153,41 @@ def test_greedy_with_nest_equals_model_generate(store, model, tok):
 
 
 class Recorder:
-    """A drafter that records, at each propose, the context length and the hidden state it was given."""
+    """A drafter that records the hidden states it observes and the context lengths it drafts for."""
 
     name, needs_topk, needs_hidden = "recorder", False, True
 
     def __init__(self):
-        self.hidden, self.seen = None, []
+        self.observed, self.proposed = [], []
 
-    def observe_hidden(self, hidden):
-        self.hidden = hidden.copy()
+    def observe(self, context, accepted, topk, hidden=None):
+        self.observed.append((len(context) - len(accepted), hidden.copy()))
 
     def propose(self, context, budget):
         from retrodraft.retrieval.tree import DraftTree
 
-        self.seen.append((len(context), self.hidden))
+        self.proposed.append(len(context))
         return DraftTree.empty()
 
-    def observe(self, context, accepted, topk):
-        pass
 
-
-def test_drafters_get_the_hidden_state_of_the_last_accepted_position(model, tok):
+def test_drafters_get_the_hidden_states_of_the_accepted_positions(model, tok):
     """generate (from its verification forwards) and replay (from one prefill) hand the same states."""
     ids = torch.tensor([tok("the quick brown fox")["input_ids"]])
     rec = Recorder()
     out = generate(model, ids, max_new_tokens=6, drafters=[rec], budget=4)
     seq = out.sequences[0].numpy()
     whole = sequence_hidden(model, seq)
-    assert len(rec.seen) == out.stats.steps - 1  # the last step has no room for a draft
-    for length, hidden in rec.seen:
-        np.testing.assert_allclose(hidden, whole[length - 2], atol=1e-4)
+    assert len(rec.observed) == out.stats.steps
+    for before, hidden in rec.observed:  # row j chose new token j: the state at position before - 1 + j
+        np.testing.assert_allclose(hidden, whole[before - 1 : before - 1 + len(hidden)], atol=1e-4)
     trace = Trace("q", "cat", seq[: ids.shape[1]].astype(np.int32), seq[ids.shape[1]:].astype(np.int32),
                   np.zeros((6, 8), np.int32))
     rec2 = Recorder()
     replay(trace, [rec2], budget=4, hidden=whole)
-    assert [n for n, _ in rec2.seen] == [n for n, _ in rec.seen]
-    for (_, a), (_, b) in zip(rec2.seen, rec.seen):
-        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert rec2.proposed == rec.proposed and len(rec2.observed) == len(rec.observed)
+    for (a, x), (b, y) in zip(rec2.observed, rec.observed):
+        assert a == b
+        np.testing.assert_allclose(x, y, atol=1e-4)
 
 
 def test_keys_from_another_model_are_refused(store, tok, tmp_path):
@@ -245,13 +243,13 @@ def test_lazy_keys_are_encoded_once_across_reopens(model, tok, tmp_path):
     with Datastore.open(path, readonly=False) as ds:
         enc.encoded = 0
         drafter = NestDrafter(ds.nest_index(), enc)
-        drafter.observe_hidden(np.ones(enc.hidden_size, np.float32))
+        drafter.observe(prompt, prompt[-1:], None, hidden=np.ones((1, enc.hidden_size), np.float32))
         hits, _ = drafter.search(prompt)
         assert enc.encoded == len(drafter.documents) > 0 and len(hits)
         keys = drafter._keys.copy()
     with Datastore.open(path, readonly=False) as ds:
         drafter = NestDrafter(ds.nest_index(), enc)
-        drafter.observe_hidden(np.ones(enc.hidden_size, np.float32))
+        drafter.observe(prompt, prompt[-1:], None, hidden=np.ones((1, enc.hidden_size), np.float32))
         assert np.array_equal(drafter.search(prompt)[0], hits)
         assert enc.encoded == len(drafter.documents)  # nothing encoded again
         assert np.array_equal(drafter._keys, keys)

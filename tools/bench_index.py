@@ -258,7 +258,7 @@ def bench_nest(n: int) -> None:
             for _ in range(50):
                 h = rng.standard_normal(576).astype(np.float32)
                 t = time.perf_counter()
-                drafter.observe_hidden(h)
+                drafter.observe(prompt, prompt[-1:], None, hidden=h[None])
                 drafter.propose(prompt, BUDGET)
                 stage2.append(time.perf_counter() - t)
         record_latency("nest", "stage 1 per request (BM25 + key gather)", np.array(stage1))
