@@ -326,3 +326,18 @@ def test_bench_replays_and_runs_nest(smollm, tmp_path, capsys):
     assert all(cell["identical"] for m in results.values() for cell in m.values())
     with pytest.raises(SystemExit, match="unknown --methods"):
         bench.main(["--questions", str(questions), "--datastore", str(store), "--methods", "drafter:nope"])
+
+
+def test_build_index_cli_refuses_keys_it_cannot_extend(tmp_path, tok, capsys):
+    from retrodraft.tools import build_index
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(DOCS[0].text)
+    out = tmp_path / "plain.rdstore"
+    Datastore.build(out, DOCS, tok, progress=False).close()
+    with pytest.raises(SystemExit):
+        build_index.main([str(corpus), "--out", str(out), "--append", "--keys", "--quiet"])
+    assert "no NEST keys to extend" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_index.main([str(corpus), "--out", str(out), "--keys", "some"])
+    assert "invalid choice" in capsys.readouterr().err
