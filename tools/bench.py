@@ -281,6 +281,8 @@ def run(args) -> None:
     chart_path = args.chart or (args.out.with_suffix(".png") if args.out else None)
     if chart_path:
         chart(result, chart_path)
+    if datastore is not None:
+        datastore.close()  # LMDB allows one open environment per path per process
 
 
 def record(args) -> None:
@@ -316,6 +318,8 @@ def replay(args) -> None:
     datastore = open_datastore(args.datastore)
     vocab = int(max(max(t.prompt.max(), t.output.max(), t.topk.max()) for t in traces)) + 1
     if args.hidden and (datastore is None or datastore.nest_index() is None):
+        if datastore is not None:
+            datastore.close()
         sys.exit("--hidden is for NEST: pass --datastore DIR of a datastore built with --keys")
     names = [n for n in args.drafters.split(",")
              if (n != "corpus" or datastore is not None) and (n != "nest" or args.hidden)]
@@ -354,6 +358,8 @@ def replay(args) -> None:
                 print(f"    expected calibration error {ece:.3f}; per source: " + ", ".join(
                     f"{name} predicted raw {raw:.3f} observed {seen:.3f} ({n} nodes)"
                     for name, raw, seen, n in calibrator.report()))
+    if datastore is not None:
+        datastore.close()
 
 
 def main(argv: list[str] | None = None) -> None:
