@@ -71,7 +71,8 @@ class NestDrafter:
             self._keys, self._positions = self.index.rows(self.documents, self.encoder)
         if self._query is None or not len(self._positions):
             return np.empty(0, np.int64), np.empty(0, np.float32)
-        ids, dist = knn.search(self._keys, self._query[None], self.k, "l2")
+        # one thread: a parallel launch per step costs more than the scan (see knn.search)
+        ids, dist = knn.search(self._keys, self._query[None], self.k, "l2", parallel=False)
         return self._positions[ids[0]], dist[0]
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
