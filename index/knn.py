@@ -195,7 +195,7 @@ def search(keys: np.ndarray, queries, k: int, metric: str = "ip",
 
 
 def search_rows(
-    keys: np.ndarray, queries, rows, k: int, metric: str = "ip"
+    keys: np.ndarray, queries, rows, k: int, metric: str = "ip", parallel: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """``search`` restricted to the given rows (row ids into keys; duplicates count once).
 
@@ -214,4 +214,4 @@ def search_rows(
     r = np.sort(r.astype(np.int64))
     first = np.ones(r.shape, bool)
     first[1:] = r[1:] != r[:-1]
-    return _search(keys, queries, r[first], k, metric)
+    return _search(keys, queries, r[first], k, metric, parallel)
