@@ -157,7 +157,7 @@ def _search(keys, queries, rows, k, metric, parallel=True) -> tuple[np.ndarray, 
         return np.empty((q, kout), np.int64), np.empty((q, kout), np.float32)
     # a few chunks per thread; a parallel launch costs more than scanning a small chunk
     threads = 1 if n <= _MIN_CHUNK or not parallel else numba.get_num_threads()
-    chunk = max(_MIN_CHUNK, math.ceil(n / (4 * threads)))
+    chunk = n if threads == 1 else max(_MIN_CHUNK, math.ceil(n / (4 * threads)))
     chunks = math.ceil(n / chunk)
     kk = min(kout, chunk)
     ids = np.full((chunks, q, kk), _NO_ID, np.int64)
