@@ -12,6 +12,7 @@ from retrodraft.retrieval.errors import (
     KeyModelMismatchError,
     MissingKeysError,
     ReadOnlyDatastoreError,
+    ShardTooLargeError,
     StaleDatastoreError,
     TokenizerMismatchError,
 )
@@ -24,6 +25,6 @@ __all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter", "Spec
 __all__ += [
     "Datastore", "DatastoreError", "CorruptDatastoreError", "FormatVersionError", "IncompleteDatastoreError",
     "KeyModelMismatchError", "MissingKeysError",
-    "ReadOnlyDatastoreError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
+    "ReadOnlyDatastoreError", "ShardTooLargeError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
     "Document", "EmptyCorpusError", "SkipCounts", "iter_documents",
 ]

@@ -35,3 +35,7 @@ class KeyModelMismatchError(DatastoreError):
 
 class MissingKeysError(DatastoreError):
     """An append to a datastore with NEST keys was not given the model to extend them."""
+
+
+class ShardTooLargeError(DatastoreError):
+    """One datastore (or shard) would hold more tokens than its positions allow."""

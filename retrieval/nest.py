@@ -115,4 +115,4 @@ class NestDrafter:
                          np.zeros(len(tokens), np.uint8), np.asarray(origins, np.int64))
 
     def locate(self, origin: int) -> tuple[str, int]:
-        return self.index.datastore.cite(origin)
+        return self.index.datastore._source(origin)  # the corpus drafter's attribution, shared
