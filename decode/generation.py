@@ -16,6 +16,7 @@ import torch
 
 from retrodraft.decode.acceptance import accept_greedy, accept_sampling
 from retrodraft.decode.budget import CostModel
+from retrodraft.decode.keys import nest_drafters
 from retrodraft.decode.tree_attention import compact_cache, new_cache, verification_kernels, tree_inputs
 from retrodraft.retrieval.calibration import Calibrator
 from retrodraft.retrieval.config import DEFAULT, SpeculationConfig
@@ -179,7 +180,7 @@ def _default_drafters(model, references, tokenizer, datastore, config: Speculati
         drafters.append(ReferenceDrafter(docs, names, **dataclasses.asdict(config.reference)))
     if datastore is not None:
         datastore.check_model(_vocab_size(model), tokenizer)
-        return drafters + datastore.drafters(model.config.vocab_size)
+        return drafters + datastore.drafters(model.config.vocab_size) + nest_drafters(model, datastore)
     return drafters + online_state(model).drafters()
 
 

@@ -49,7 +49,8 @@ def load_traces(path: str | Path) -> list[Trace]:
 
 def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
            cost_table: np.ndarray | None = None, calibrator: Calibrator | None = None,
-           config: SpeculationConfig = DEFAULT, costs: CostModel | None = None) -> tuple[int, int, float]:
+           config: SpeculationConfig = DEFAULT, costs: CostModel | None = None,
+           hidden: np.ndarray | None = None) -> tuple[int, int, float]:
     """(steps, new tokens, step cost) of greedy speculative decoding of ``trace``.
 
     budget: fixed nodes per step, or None with ``cost_table`` (c(n), as
@@ -61,7 +62,10 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
     the predicted speedup over one token per 0-node forward with no host time.
     ``calibrator`` calibrates and learns as in ``generate`` with its default drafters.
     Drafters that need top-k learn from the recorded top-k of the accepted rows only (the
-    trace has no top-k for rejected nodes, which a real run also feeds them).
+    trace has no top-k for rejected nodes, which a real run also feeds them). ``hidden``:
+    float32 [len(prompt) + len(output), d], the target's final hidden state at every
+    position (``decode.keys.sequence_hidden``; traces hold none): drafters that need it get
+    the accepted rows' states, as in ``generate``; without it they get none.
     """
     drafting = "replay:" + "+".join(d.name for d in drafters)
     if costs is not None:
@@ -87,7 +91,12 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
         # The target's argmax at each tree row is the recorded token at that depth.
         argmax_rows = truth[np.concatenate(([0], np.minimum(tree.depths(), len(truth) - 1)))]
         path, _ = accept_greedy(tree, argmax_rows)
-        rows = None
+        rows, states = None, None
+        if hidden is not None and spec.needs_hidden:
+            # verified rows as generate's forward has them; only the root's and the accepted
+            # nodes' are read, and those are the states at positions length - 1 ...
+            states = np.zeros((len(tree) + 1, hidden.shape[1]), np.float32)
+            states[[0] + [i + 1 for i in path]] = hidden[length - 1 : length + len(path)]
         if spec.needs_topk:
             # rows: the root and the accepted nodes; topk[i] is what the target ranked for output[i]
             at = np.arange(length, length + len(path) + 1) - prompt_len
@@ -95,7 +104,7 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
         context = length
         length += len(path) + 1
         steps += 1
-        spec.observe(tokens[:length], len(path) + 1, rows)
+        spec.observe(tokens[:length], len(path) + 1, rows, states)
         if costs is not None:
             cost += costs.observe_host(context, len(tree), time.perf_counter() - t0, drafting)
     return steps, end - prompt_len, cost
@@ -103,12 +112,15 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
 
 def replay_all(traces: Sequence[Trace], make_drafters: Callable[[], Sequence[Drafter]],
                budget: int | None = None, cost_table: np.ndarray | None = None,
-               calibrator: Calibrator | None = None, costs: CostModel | None = None) -> dict[str, tuple[float, float]]:
+               calibrator: Calibrator | None = None, costs: CostModel | None = None,
+               hidden: Callable[[Trace], np.ndarray] | None = None) -> dict[str, tuple[float, float]]:
     """Per category and ``overall``: (mean accepted tokens per step, predicted speedup =
-    tokens / summed cost, or 0 without a cost table or model), pooled over traces."""
+    tokens / summed cost, or 0 without a cost table or model), pooled over traces.
+    ``hidden(trace)`` gives a trace's hidden states for drafters that need them (see ``replay``)."""
     totals: dict[str, list[float]] = {}
     for t in traces:
-        steps, new, cost = replay(t, make_drafters(), budget, cost_table, calibrator, costs=costs)
+        steps, new, cost = replay(t, make_drafters(), budget, cost_table, calibrator, costs=costs,
+                                  hidden=hidden(t) if hidden is not None else None)
         for key in (t.category, "overall"):
             s = totals.setdefault(key, [0, 0, 0.0])
             s[0] += steps

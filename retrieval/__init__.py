@@ -10,6 +10,8 @@ from retrodraft.retrieval.errors import (
     DatastorePermissionError,
     FormatVersionError,
     IncompleteDatastoreError,
+    KeyModelMismatchError,
+    MissingKeysError,
     ReadOnlyDatastoreError,
     ShardTooLargeError,
     StaleDatastoreError,
@@ -23,7 +25,7 @@ __all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter", "Spec
            "LookupSettings", "Span", "choose_budget"]
 __all__ += [
     "Datastore", "DatastoreError", "DatastorePermissionError", "CorruptDatastoreError", "FormatVersionError",
-    "IncompleteDatastoreError", "ReadOnlyDatastoreError", "ShardTooLargeError", "StaleDatastoreError",
-    "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
+    "IncompleteDatastoreError", "KeyModelMismatchError", "MissingKeysError", "ReadOnlyDatastoreError",
+    "ShardTooLargeError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
     "Document", "EmptyCorpusError", "SkipCounts", "iter_documents",
 ]

@@ -14,7 +14,8 @@ from retrodraft.retrieval.errors import CorruptDatastoreError
 from retrodraft.retrieval.layout import REBUILD
 
 CRC_BLOCK = 1 << 25
-ARROW = {"tokens": ("token", np.int32), "doc_offsets": ("offset", np.int64), "suffix_array": ("position", np.int64)}
+ARROW = {"tokens": ("token", np.int32), "doc_offsets": ("offset", np.int64), "suffix_array": ("position", np.int64),
+         "keys": ("key", np.float16), "key_projection": ("weight", np.float32)}
 
 
 def arrow_schema(name: str) -> pa.Schema:

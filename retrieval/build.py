@@ -53,7 +53,7 @@ class BuildStats:
     documents, tokens              added by this call (tokens exclude the -1 separators)
     total_documents, total_tokens  in the datastore afterwards
     bytes_on_disk                  size of the datastore's files afterwards
-    seconds                        per phase: read, tokenize, suffix_array, write
+    seconds                        per phase: read, tokenize, suffix_array, [keys, bm25,] write
     skipped                        the corpus walk's counts, if the caller passed them
     state                          the learned state: "carried" over, "dropped" with the version
                                    this build replaced, or "none" (there was none)
@@ -70,7 +70,7 @@ class BuildStats:
 
     def tokens_per_second(self) -> dict[str, float]:
         """Per phase: read and tokenize over the tokens added, the rest over all tokens."""
-        work = {"read": self.tokens, "tokenize": self.tokens}
+        work = {"read": self.tokens, "tokenize": self.tokens, "keys": self.tokens}
         return {k: work.get(k, self.total_tokens) / max(s, 1e-9) for k, s in self.seconds.items()}
 
 
@@ -202,13 +202,14 @@ def _tokenize(documents: Iterable[Document], tokenizer, progress: bool, seconds:
 
 
 def write_version(path: Path, base: Datastore | None, documents, tokenizer, progress: bool, skipped,
-                  state_from: Datastore | None = None) -> BuildStats:
+                  state_from: Datastore | None = None, keys=None) -> BuildStats:
     """Build the next version of the datastore at ``path`` (``base``'s documents first) and swap it in.
 
     Holds ``PATH.lock`` throughout, so writers of one path run one after another. The state
     of ``state_from`` (``base`` when appending) is carried over; files in ``path`` that the
     datastore did not create are carried over too. FileExistsError if ``path`` holds
     something that is not a datastore; DatastorePermissionError where a write is refused.
+    ``keys``: a ``keys_store.KeyBuilder`` whose NEST files join this version, or None for none.
     """
     state_from = base or state_from
     check_replaceable(path)  # before the lock: refusing leaves nothing beside a user's directory
@@ -235,10 +236,16 @@ def write_version(path: Path, base: Datastore | None, documents, tokenizer, prog
                 bar.update(stream.shape[0])
             seconds["suffix_array"] = time.perf_counter() - t0
 
+            key_arrays, key_meta = {}, None
+            if keys is not None:
+                key_arrays, key_meta, key_seconds = keys(tmp, stream, offsets, base, progress)
+                seconds.update(key_seconds)
+
             t0 = time.perf_counter()
             max_token = int(stream.max(initial=-1))
-            files = _write_arrays(tmp, {"tokens": stream, "doc_offsets": offsets, "suffix_array": sa}, progress)
-            del stream, sa
+            files = _write_arrays(tmp, {"tokens": stream, "doc_offsets": offsets, "suffix_array": sa, **key_arrays},
+                                  progress)
+            del stream, sa, key_arrays
             added = {
                 "op": "append" if base else "build", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "documents": len(lengths), "tokens": int(lengths.sum()), "batch_chars": BATCH_CHARS,
@@ -248,6 +255,7 @@ def write_version(path: Path, base: Datastore | None, documents, tokenizer, prog
                 "format_version": FORMAT_VERSION, "tokenizer": info, "max_token": max_token,
                 "documents": offsets.shape[0] - 1, "tokens": (base.num_tokens if base else 0) + added["tokens"],
                 "history": (base.meta["history"] if base else []) + [added], "files": files,
+                **({"keys": key_meta} if key_meta is not None else {}),
             }
             (tmp / MARKER).write_bytes(marker_bytes())
             fsync(tmp / MARKER)

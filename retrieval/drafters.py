@@ -29,6 +29,10 @@ class Drafter(Protocol):
     verified tree rows as int32 [rows, 1 + k]: each row's input token, then the target's
     top-k ids after it; otherwise None. A drafter that copies from documents also has
     ``locate(origin) -> (document, token offset)`` for the origins it puts in its trees.
+    A drafter that reads the target's hidden state sets ``needs_hidden = True``; its
+    ``observe`` then also gets ``hidden=``, float [len(accepted), d]: row j is the final
+    hidden state that chose accepted token j, so the last row is the state at the last
+    accepted position (the verification forward computed it; no extra forward).
     """
 
     name: str

@@ -30,6 +30,14 @@ class StaleDatastoreError(DatastoreError):
 
 
 
+class KeyModelMismatchError(DatastoreError):
+    """The datastore's NEST keys were made by another model than the one given."""
+
+
+class MissingKeysError(DatastoreError):
+    """An append to a datastore with NEST keys was not given the model to extend them."""
+
+
 class ShardTooLargeError(DatastoreError):
     """One datastore (or shard) would hold more tokens than its positions allow."""
 

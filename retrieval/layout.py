@@ -46,7 +46,9 @@ FORMAT_VERSION = 2
 MAGIC = "retrodraft-datastore"
 MARKER = "retrodraft-datastore.json"
 # Every name a build writes into PATH. Anything else there is the user's and is carried over.
-OWN_FILES = frozenset({MARKER, "meta.lmdb", "tokens.arrow", "doc_offsets.arrow", "suffix_array.arrow", "build.lock"})
+# NEST adds keys.arrow, key_projection.arrow and bm25/ (retrieval.keys_store, retrieval.stage1).
+OWN_FILES = frozenset({MARKER, "meta.lmdb", "tokens.arrow", "doc_offsets.arrow", "suffix_array.arrow", "build.lock",
+                       "keys.arrow", "key_projection.arrow", "bm25"})
 # Address space reserved for meta.lmdb (the file grows only as written). Every opener uses
 # the same value, so a reader never meets a map grown by a writer (MDB_MAP_RESIZED).
 MAP_SIZE = 1 << 36

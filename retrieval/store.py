@@ -28,6 +28,7 @@ from retrodraft.retrieval.errors import (
     DatastorePermissionError,
     FormatVersionError,
     IncompleteDatastoreError,
+    MissingKeysError,
     ReadOnlyDatastoreError,
     StaleDatastoreError,
     TokenizerMismatchError,
@@ -121,6 +122,7 @@ class Datastore:
         progress: bool = True,
         skipped: SkipCounts | None = None,
         keep_state: bool = False,
+        keys=None,
     ) -> Datastore:
         """Tokenize ``documents`` and write a datastore at ``path``, replacing any there.
 
@@ -134,20 +136,22 @@ class Datastore:
         datastore's learned state is dropped (``stats.state`` says "dropped") unless
         ``keep_state``, which carries it over (the same tokenizer is required). Writers of
         one path run one after another. Raises EmptyCorpusError if there are no documents.
+        ``keys``: a ``keys_store.KeyBuilder`` to add NEST keys (see retrieval.keys_store).
         Returns the new datastore, opened read-only, with ``stats`` set.
         """
         path = Path(path).absolute()
         if keep_state and path.exists():
             with cls.open(path, readonly=False, tokenizer=tokenizer) as old:
-                stats = write_version(path, None, documents, tokenizer, progress, skipped, state_from=old)
+                stats = write_version(path, None, documents, tokenizer, progress, skipped, state_from=old, keys=keys)
         else:
-            stats = write_version(path, None, documents, tokenizer, progress, skipped)
+            stats = write_version(path, None, documents, tokenizer, progress, skipped, keys=keys)
         ds = cls.open(path)
         ds.stats = stats
         return ds
 
     def append(
-        self, documents: Iterable[Document], tokenizer, *, progress: bool = True, skipped: SkipCounts | None = None
+        self, documents: Iterable[Document], tokenizer, *, progress: bool = True, skipped: SkipCounts | None = None,
+        keys=None,
     ) -> BuildStats:
         """Add ``documents`` after the existing ones and swap the new version in atomically.
 
@@ -157,10 +161,18 @@ class Datastore:
         since this one opened it, raises StaleDatastoreError and changes nothing. Other
         state writers wait only while the state is copied and the version swapped. This
         object then reads the new version; returns the stats (also in ``self.stats``).
+        A datastore with NEST keys needs ``keys`` (a KeyBuilder of the same model) to extend
+        them to the new documents (MissingKeysError, KeyModelMismatchError).
         """
         self._writable("append to")
         self.check_tokenizer(tokenizer)
-        self.stats = write_version(self.path, self, documents, tokenizer, progress, skipped)
+        if keys is None and "keys" in self.meta:
+            raise MissingKeysError(
+                f"the datastore at {self.path} holds NEST keys: appending needs the model that made them "
+                f"({self.meta['keys']['model']['name']!r}) to encode the new documents: "
+                f"python tools/build_index.py CORPUS --append --model MODEL --out {self.path}"
+            )
+        self.stats = write_version(self.path, self, documents, tokenizer, progress, skipped, keys=keys)
         self.close()
         self._attach(self.path, readonly=False)
         return self.stats
@@ -225,6 +237,22 @@ class Datastore:
                 f"{theirs['fingerprint']}); drafts would be the wrong token ids. Rebuild it with "
                 f"that model's tokenizer: python tools/build_index.py CORPUS --model MODEL --out {self.path}"
             )
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The Arrow file ``name`` as a 1-D read-only view into its memory map, or None if
+        this datastore has no such file."""
+        return self._live().get(name)
+
+    def nest_index(self):
+        """The NEST keys, projection and first stage (``keys_store.NestIndex``), or None if
+        the datastore was built without --keys. Made on first use, then shared."""
+        if "keys" not in self.meta:
+            return None
+        if self._nest is None:
+            from retrodraft.retrieval.keys_store import NestIndex
+
+            self._nest = NestIndex(self)
+        return self._nest
 
     def document(self, doc_id: int) -> DocumentEntry:
         """The document table's row for ``doc_id`` in [0, num_documents) (ValueError outside)."""
@@ -383,6 +411,7 @@ class Datastore:
     def _attach(self, path: Path, readonly: bool) -> None:
         self.path, self.readonly = path, readonly
         self._online: OnlineState | None = None
+        self._nest = None
         self._outputs: list[np.ndarray] = []
         self._env, self._arrays = None, None
         self._checked = weakref.WeakSet()  # tokenizers check_model has verified

@@ -7,14 +7,17 @@ usage: python tools/bench.py [run] [--questions FILE] [--categories a,b] [--limi
        python tools/bench.py record --out TRACES.jsonl [--questions FILE] [--categories a,b]
                              [--limit N] [--max-new-tokens N] [--model DIR]
        python tools/bench.py replay [TRACES.jsonl] [--budgets 8,16,32,64,auto] [--datastore DIR]
-                             [--drafters prompt_lookup,suffix,recycling,corpus]
+                             [--drafters prompt_lookup,suffix,recycling,corpus,nest] [--hidden]
 
 run: methods interleaved per question, greedy, batch 1, the same max_new_tokens for all:
 vanilla `model.generate`, transformers' prompt lookup (prompt_lookup_num_tokens=10),
 `no_drafts` (`decode.generate` with speculation off: what its loop and kernels alone give), each
 drafter alone (`drafter:NAME`, automatic budget, its own online state and calibration) and
 `retrodraft`, the fused engine as `decode.generate` runs it by default (with --datastore,
-over that datastore, opened read-only: what it learns stays in memory). Per method and
+over that datastore, opened read-only: what it learns stays in memory). With a datastore
+that has NEST keys, `drafter:nest` runs NEST alone and `retrodraft:no_nest` the fused
+engine without NEST (its own fresh online state), beside `retrodraft`, which includes it.
+--methods keeps only the named methods (vanilla always runs: speedups are over it). Per method and
 category it prints tokens/s, speedup (mean per-question tok/s of the method / that of
 vanilla), mean accepted tokens per verification step (new tokens / target forwards, counted
 the same way for every method), whether every output equals vanilla's and the median error
@@ -36,6 +39,9 @@ chooses each step's size with the default model's cost model on this machine (th
 curve, learned as generate() ran, plus the replay's own drafting time per step, as
 generate() weighs them), with calibration as in generate(), and also prints the speedup it
 predicts (tokens / summed c(n) + d, in 0-node forwards) and the calibration error.
+NEST needs the target's hidden states, which traces do not hold: --hidden loads the model
+and recomputes them with one prefill per trace (the datastore must have keys); the fused rows
+are then printed with and without NEST.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from tqdm import tqdm
 
 from retrodraft.decode import generate, load_model, online_state
 from retrodraft.decode.budget import CostModel
+from retrodraft.decode.keys import nest_drafters, sequence_hidden
 from retrodraft.decode.replay import load_traces, replay_all
 from retrodraft.retrieval.calibration import Calibrator
 from retrodraft.retrieval.config import DEFAULT
@@ -75,7 +82,7 @@ MT_BENCH = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", 
 SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_QUESTIONS = SHARED / "spec_bench" / "question.jsonl"
 DEFAULT_TRACES = SHARED / "traces" / "smollm2_specbench_dev.jsonl"
-DRAFTERS = ("prompt_lookup", "suffix", "recycling", "corpus")
+DRAFTERS = ("prompt_lookup", "suffix", "recycling", "corpus", "nest")
 TRACE_TOPK = DEFAULT.topk  # the traces' top-k is what the recycling drafter learns from
 
 
@@ -117,11 +124,12 @@ class ForwardCounter:
         self.calls += 1
 
 
-def drafter_pool(online: OnlineState, datastore, vocab: int) -> list[Drafter]:
+def drafter_pool(online: OnlineState, datastore, vocab: int, model=None) -> list[Drafter]:
     """One of each drafter: prompt lookup, ``online``'s past outputs and recycling, and the
-    datastore's corpus when there is one."""
+    datastore's corpus when there is one, and NEST when it has keys and ``model`` is given."""
     corpus = [d for d in datastore.drafters(vocab) if d.name == "corpus"] if datastore is not None else []
-    return [PromptLookupDrafter(), *online.drafters(), *corpus]
+    nest = nest_drafters(model, datastore) if datastore is not None and model is not None else []
+    return [PromptLookupDrafter(), *online.drafters(), *corpus, *nest]
 
 
 # (ids, max_new_tokens) -> (new ids, steps, |predicted - measured| / measured step time per step, [] if not predicted)
@@ -152,14 +160,20 @@ def methods(model, datastore, budget: int | None) -> dict[str, Method]:
     def alone(name: str) -> Method:
         solo = OnlineState(vocab)  # this method's own past outputs, recycling matrix and calibration
 
-        return ours(lambda: [d for d in drafter_pool(solo, datastore, vocab) if d.name == name], solo.calibrator)
+        return ours(lambda: [d for d in drafter_pool(solo, datastore, vocab, model) if d.name == name],
+                    solo.calibrator)
 
+    keys = datastore is not None and datastore.nest_index() is not None
     table = {"vanilla": hf({}), "prompt_lookup": hf({"prompt_lookup_num_tokens": 10}),
              "no_drafts": ours(lambda: [], None)}
     for name in DRAFTERS:
-        if name != "corpus" or datastore is not None:
+        if (name != "corpus" or datastore is not None) and (name != "nest" or keys):
             table[f"drafter:{name}"] = alone(name)
     table["retrodraft"] = ours(None, None)
+    if keys:
+        solo = OnlineState(vocab)
+        table["retrodraft:no_nest"] = ours(
+            lambda: [d for d in drafter_pool(solo, datastore, vocab) if d.name != "nest"], solo.calibrator)
     return table
 
 
@@ -270,6 +284,11 @@ def run(args) -> None:
 
 def timed_run(args, questions: list[dict], model, tok, datastore) -> None:
     table = methods(model, datastore, args.budget)
+    if args.methods:
+        unknown = args.methods - set(table)
+        if unknown:
+            sys.exit(f"unknown --methods {', '.join(sorted(unknown))}: choose from {', '.join(table)}")
+        table = {m: f for m, f in table.items() if m == "vanilla" or m in args.methods}
     names = list(table)
     print(f"{len(questions)} questions, {torch.get_num_threads()} threads, max_new_tokens={args.max_new_tokens}, "
           f"{args.hog} CPU hogs; methods: {', '.join(names)}")
@@ -314,6 +333,8 @@ def timed_run(args, questions: list[dict], model, tok, datastore) -> None:
     chart_path = args.chart or (args.out.with_suffix(".png") if args.out else None)
     if chart_path:
         chart(result, chart_path)
+    if datastore is not None:
+        datastore.close()  # LMDB allows one open environment per path per process
 
 
 def record(args) -> None:
@@ -348,24 +369,40 @@ def replay(args) -> None:
     traces = load_traces(args.traces)
     datastore = open_datastore(args.datastore)
     vocab = int(max(max(t.prompt.max(), t.output.max(), t.topk.max()) for t in traces)) + 1
-    names = [n for n in args.drafters.split(",") if n != "corpus" or datastore is not None]
+    if args.hidden and (datastore is None or datastore.nest_index() is None):
+        if datastore is not None:
+            datastore.close()
+        sys.exit("--hidden is for NEST: pass --datastore DIR of a datastore built with --keys")
+    names = [n for n in args.drafters.split(",")
+             if (n != "corpus" or datastore is not None) and (n != "nest" or args.hidden)]
     budgets = args.budgets.split(",")
-    costs = None
-    if "auto" in budgets:
+    costs, model, hidden = None, None, None
+    if "auto" in budgets or args.hidden:
         model = load_model()[0]
         vocab = model.config.vocab_size
+    if "auto" in budgets:
         costs = CostModel.of(model)
+    if args.hidden:
+        cache: dict[str, np.ndarray] = {}
+        for t in tqdm(traces, desc="hidden states (one prefill per trace)"):
+            cache[t.qid] = sequence_hidden(model, np.concatenate([t.prompt, t.output]))
+        hidden = lambda t: cache[t.qid]  # noqa: E731
     categories = sorted({t.category for t in traces}) + ["overall"]
     print(f"{len(traces)} traces; mean accepted tokens per step (predicted speedup for auto)")
     print(f"{'drafters':<42}{'budget':>7}" + "".join(f"{c[:12]:>13}" for c in categories))
-    for chosen in [[n] for n in names] + ([names] if len(names) > 1 else []):
+    rows = [[n] for n in names] + ([names] if len(names) > 1 else [])
+    if "nest" in names and len(names) > 2:
+        rows.append([n for n in names if n != "nest"])  # the fused engine without NEST, beside it
+    for chosen in rows:
         for b in budgets:
             online = OnlineState(vocab)  # learned across the traces in file order, fresh per row
 
             calibrator = online.calibrator if b == "auto" else None
-            result = replay_all(traces, lambda: [d for d in drafter_pool(online, datastore, vocab) if d.name in chosen],
+            nest_model = model if "nest" in chosen else None
+            result = replay_all(traces, lambda: [d for d in drafter_pool(online, datastore, vocab, nest_model)
+                                                 if d.name in chosen],
                                 budget=None if b == "auto" else int(b), calibrator=calibrator,
-                                costs=costs if b == "auto" else None)
+                                costs=costs if b == "auto" else None, hidden=hidden)
             cells = [f"{a:.2f} ({s:.2f}x)" if b == "auto" else f"{a:.2f}" for a, s in (result[c] for c in categories)]
             print(f"{'+'.join(chosen):<42}{b:>7}" + "".join(f"{c:>13}" for c in cells))
             if calibrator is not None:
@@ -373,6 +410,8 @@ def replay(args) -> None:
                 print(f"    expected calibration error {ece:.3f}; per source: " + ", ".join(
                     f"{name} predicted raw {raw:.3f} observed {seen:.3f} ({n} nodes)"
                     for name, raw, seen, n in calibrator.report()))
+    if datastore is not None:
+        datastore.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -401,6 +440,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="fixed draft tree size for our methods (default: automatic, from the cost curve)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (and the chart beside it)")
     p.add_argument("--chart", type=Path, default=None, help="write the chart (PNG) here (default: --out with .png)")
+    p.add_argument("--methods", type=lambda s: set(s.split(",")), default=None,
+                   help="comma-separated methods to run (e.g. retrodraft,retrodraft:no_nest,drafter:nest; "
+                        "default all; vanilla always runs)")
     p.add_argument("--hog", type=int, default=0, metavar="N",
                    help="start N CPU-hog processes (a noisy neighbour) before the first call, stop them at the end")
     p.set_defaults(func=run)
@@ -416,6 +458,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budgets", default="8,16,32,64", help="comma-separated tree sizes and/or auto (default 8,16,32,64)")
     p.add_argument("--datastore", default=None, help="a datastore for the corpus drafter")
     p.add_argument("--drafters", default=",".join(DRAFTERS), help="which drafters to replay, comma-separated")
+    p.add_argument("--hidden", action="store_true",
+                   help="recompute the target's hidden states (one prefill per trace) so NEST replays too; "
+                        "needs a --datastore with keys")
     p.set_defaults(func=replay)
 
     args = ap.parse_args(argv)

@@ -13,6 +13,11 @@ Sections, run in this order (default: all):
   ngram      NgramTable (n <= 4, top 8): build on N/5 real tokens, lookup of an 8-token context
   knn        exact fp16 top-8 over N/10 x 576 random keys: queries/s (ip, l2; 1 and 16 queries
              a call, best of 3) and search_rows over 4096 rows (NEST's second stage)
+  nest       a real datastore of ~N/10 stdlib tokens with synthetic (random) 576-d hidden
+             states as keys (128-d after the stored PCA, fp16): key build rate and bytes per
+             token, stage 1 per request (BM25 + gathering the chosen documents' keys) and a
+             NEST drafting step (project the hidden state, exact kNN over the gathered keys,
+             spans into a tree), over 20 requests x 50 steps
 
 Real tokens: the Python standard library's .py sources through the default model's tokenizer,
 -1 between files, tiled to N when the sources are shorter. Every Numba kernel is compiled (or
@@ -203,8 +208,69 @@ def bench_knn(n: int) -> None:
     record_latency("knn", "search_rows, 4096 rows, 1 query (200 calls)", secs)
 
 
+class RandomEncoder:
+    """Synthetic hidden states (standard normal, 576-d) in place of a model's: the cost of
+    NEST's search does not depend on the values."""
+
+    info = {"name": "random", "fingerprint": "0" * 16}
+    hidden_size = 576
+    settings: dict = {}
+
+    def __init__(self):
+        self.rng = np.random.default_rng(6)
+
+    def __call__(self, docs):
+        return [self.rng.standard_normal((len(d), self.hidden_size), np.float32) for d in docs]
+
+
+def bench_nest(n: int) -> None:
+    import tempfile
+
+    from retrodraft.decode import load_tokenizer
+    from retrodraft.retrieval import Datastore, Document
+    from retrodraft.retrieval.keys_store import KeyBuilder
+    from retrodraft.retrieval.nest import NestDrafter
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(f for f in root.rglob("*.py") if "site-packages" not in f.parts)
+    docs, chars = [], 0
+    for f in files:  # ~3.6 characters per token in these sources
+        if chars >= 3.6 * n // 10:
+            break
+        docs.append(Document(str(f), 0, f.read_text(errors="replace")))
+        chars += len(docs[-1].text)
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = Datastore.build(Path(tmp) / "nest.rdstore", docs, load_tokenizer(), progress=False,
+                             keys=KeyBuilder(RandomEncoder()))
+        keys = ds.array("keys")
+        record("nest", f"keys: {ds.num_tokens:,} tokens, {len(docs)} documents", ds.stats.tokens_per_second()["keys"],
+               "tok/s", "synthetic encoder: projection + fp16 + copy only")
+        record("nest", "keys on disk", keys.nbytes / ds.num_tokens, "B/token")
+        index, rng = ds.nest_index(), np.random.default_rng(7)
+        o = ds.doc_offsets
+        stage1, stage2, cpu2 = [], [], []
+        for d in rng.choice(ds.num_documents, 20, replace=False):
+            prompt = np.asarray(ds.tokens[o[d] : min(o[d] + 64, o[d + 1] - 1)])
+            drafter = NestDrafter(index)
+            t = time.perf_counter()
+            drafter.search(prompt)  # stage 1: BM25, then the chosen documents' keys
+            stage1.append(time.perf_counter() - t)
+            for _ in range(50):
+                h = rng.standard_normal(576).astype(np.float32)
+                t, c = time.perf_counter(), time.process_time()
+                drafter.observe(prompt, prompt[-1:], None, hidden=h[None])
+                drafter.propose(prompt, BUDGET)
+                stage2.append(time.perf_counter() - t)
+                cpu2.append(time.process_time() - c)
+        record_latency("nest", "stage 1 per request (BM25 + key gather)", np.array(stage1))
+        record_latency("nest", f"step: project + kNN over <= {drafter.max_rows:,} rows + spans", np.array(stage2))
+        # CPU seconds of all threads: what the step costs whatever else the machine runs
+        record_latency("nest", "same step, CPU time (all threads)", np.array(cpu2))
+        ds.close()
+
+
 SECTIONS = {"sa": bench_sa, "tree": bench_tree, "recycling": bench_recycling,
-            "ngram": bench_ngram, "knn": bench_knn}
+            "ngram": bench_ngram, "knn": bench_knn, "nest": bench_nest}
 
 
 def machine() -> dict:

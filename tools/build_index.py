@@ -1,8 +1,9 @@
 """Build a retrodraft datastore from a corpus, or append a corpus to one.
 
 usage: python tools/build_index.py CORPUS [--out DIR] [--model PATH] [--field NAME ...]
-                                   [--append] [--keep-state] [--exclude NAME ...] [--no-default-excludes]
-                                   [--workers N] [--shards N [--ray-address ADDR]] [--quiet]
+                                   [--append] [--keep-state] [--keys [all|lazy]] [--exclude NAME ...]
+                                   [--no-default-excludes] [--workers N] [--shards N [--ray-address ADDR]]
+                                   [--quiet]
 
 CORPUS is a directory (walked recursively) or one file: .txt .md .rst and source files are
 one document each; .jsonl lines, .json records and .parquet rows are one document each, their
@@ -12,6 +13,12 @@ CORPUS.rdstore beside the corpus (./NAME.rdstore if that directory is read-only)
 a corpus every machine has:
 
     python tools/build_index.py "$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')"
+
+--keys adds what NEST drafts from: the model's final hidden state at every corpus token,
+projected to 128 dims (PCA) and stored as float16 (256 bytes per token), plus a BM25 index
+of the documents. It runs the model over the whole corpus (on 2 CPU cores a few hundred
+tokens/s: keep such corpora small); --keys lazy stores only the projection and the BM25
+index, and encodes each document the first time NEST retrieves it.
 
 Sharded (pip install -e ".[scale]" for Ray): --shards N splits the documents into N shards by
 a hash of their source path, builds each as an ordinary datastore in a Ray task and writes a
@@ -57,6 +64,10 @@ def summary(ds, out: Path) -> str:
     rates = s.tokens_per_second()
     for phase, seconds in s.seconds.items():
         lines.append(f"  {phase:<13} {seconds:8.2f} s  {rates[phase]:12,.0f} tok/s")
+    keys = ds.array("keys")
+    if keys is not None:
+        lines.append(f"  NEST keys: {keys.nbytes / max(s.total_tokens, 1):.0f} bytes/token on disk "
+                     f"({ds.meta['keys']['dims']} dims, float16, model {ds.meta['keys']['model']['name']})")
     skipped = ", ".join(f"{n} {reason}" for reason, n in s.skipped.as_dict().items() if n)
     lines.append(f"  skipped: {skipped or 'nothing'}")
     for reason, names in s.skipped.named.items():
@@ -67,6 +78,15 @@ def summary(ds, out: Path) -> str:
     elif s.state == "carried":
         lines.append("  learned state: kept")
     return "\n".join(lines)
+
+
+def key_builder(model_path: str | None, mode: str):
+    """A KeyBuilder over the model at ``model_path`` (None: the default model)."""
+    from retrodraft.decode import load_model
+    from retrodraft.decode.keys import ModelEncoder
+    from retrodraft.retrieval.keys_store import KeyBuilder
+
+    return KeyBuilder(ModelEncoder(load_model(model_path)[0]), mode)
 
 
 def sharded_summary(s, out: Path) -> str:
@@ -105,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="when replacing a datastore, keep what generation learned with it (past outputs, "
                          "recycling matrix, calibration); it needs the same tokenizer. Without it the learned "
                          "state is dropped with the old version (appends always keep it)")
+    ap.add_argument("--keys", nargs="?", const="all", default=None, choices=("all", "lazy"),
+                    help="also store NEST keys made by --model: 'all' (the default when given) encodes every "
+                         "document now, 'lazy' when NEST first retrieves it; an --append to a datastore with "
+                         "keys always extends them")
     ap.add_argument("--exclude", action="append", default=[], metavar="NAME",
                     help="directory name to leave out of the walk (repeatable), besides the defaults")
     ap.add_argument("--no-default-excludes", action="store_true",
@@ -155,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
         from retrodraft.retrieval.manifest import is_sharded
 
         if args.shards is not None or (args.append and is_sharded(out)):
+            if args.keys:
+                die("--keys (NEST) does not support sharded datastores yet: build without --shards")
             build_sharded_cli(args, corpus, out, fields, exclude, skipped)
             return
         from retrodraft.decode import load_tokenizer
@@ -163,11 +189,15 @@ def main(argv: list[str] | None = None) -> None:
         documents = iter_documents(corpus, fields, skipped, exclude)
         if args.append:
             with Datastore.open(out, readonly=False) as ds:
-                ds.append(documents, tokenizer, progress=not args.quiet, skipped=skipped)
+                if args.keys and "keys" not in ds.meta:
+                    die(f"the datastore at {out} has no NEST keys to extend: build it with --keys (without --append)")
+                keys = key_builder(args.model, args.keys or "all") if "keys" in ds.meta else None
+                ds.append(documents, tokenizer, progress=not args.quiet, skipped=skipped, keys=keys)
                 print(summary(ds, out))
         else:
+            keys = key_builder(args.model, args.keys) if args.keys else None
             with Datastore.build(out, documents, tokenizer, progress=not args.quiet, skipped=skipped,
-                                 keep_state=args.keep_state) as ds:
+                                 keep_state=args.keep_state, keys=keys) as ds:
                 print(summary(ds, out))
     except (DatastoreError, EmptyCorpusError, OSError, ModuleNotFoundError) as e:
         die(str(e))

@@ -62,6 +62,9 @@ def test_parallel_chunks_exact(metric):
         )
         want = oracle(keys, queries, 50, metric, rows)
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    serial = search(keys, queries, 50, metric, parallel=False)
+    want = oracle(keys, queries, 50, metric)
+    assert np.array_equal(serial[0], want[0]) and np.array_equal(serial[1], want[1])
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
