@@ -11,16 +11,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from retrodraft.decode.acceptance import accept_greedy, accept_sampling
 from retrodraft.decode.budget import CostModel, choose_budget
-from retrodraft.decode.tree_attention import compact_cache, new_cache, verification_kernels, tree_inputs
+from retrodraft.decode.tree_attention import verification_kernels
+from retrodraft.decode.verifier import TreeVerifier
 from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter, RecyclingDrafter, ReferenceDrafter, as_token_array
 from retrodraft.retrieval.calibration import Calibrator, verdicts
 from retrodraft.retrieval.online import OnlineState
 from retrodraft.retrieval.tree import DraftTree, exclusive, fuse, prune
 
 MAX_NODES = 64  # candidates considered per step when the budget is automatic
-TOPK = 8  # top-k ids per verified row handed to drafters that learn from them
 ORIGIN_BITS = 48  # a fused node's origin carries its drafter's index above these bits
 
 
@@ -33,6 +32,14 @@ class GenerationStats:
     accepted_per_drafter: dict[str, int] = field(default_factory=dict)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    step_seconds: float = 0.0  # whole steps: drafting, verifying, acceptance, learning
+    wait_seconds: float = 0.0  # of which blocked on the device's answer (~0 on a CPU, where the forward is host work)
+
+    @property
+    def host_seconds(self) -> float:
+        """Step time the host was busy (drafting, Python, kernel launches; on a CPU the
+        forward too): what CUDA graphs and a faster loop can cut on a GPU."""
+        return self.step_seconds - self.wait_seconds
 
     @property
     def mean_accepted(self) -> float:
@@ -42,7 +49,8 @@ class GenerationStats:
         by = ", ".join(f"{k} {v}" for k, v in self.accepted_per_drafter.items()) or "none"
         return (
             f"{self.new_tokens} tokens in {self.steps} steps, {self.mean_accepted:.2f} tokens/step; "
-            f"accepted drafts by source: {by}; drafting {self.draft_seconds:.3f}s, verifying {self.verify_seconds:.3f}s"
+            f"accepted drafts by source: {by}; drafting {self.draft_seconds:.3f}s, verifying {self.verify_seconds:.3f}s, "
+            f"host busy {self.host_seconds:.3f}s of {self.step_seconds:.3f}s in steps"
         )
 
 
@@ -152,6 +160,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     streamer=None,
     seed: int | None = None,
+    cuda_graphs: bool | None = None,
 ) -> GenerationOutput:
     """Generate like ``model.generate``, verifying retrieved drafts with tree attention.
 
@@ -174,6 +183,10 @@ def generate(
     budget:     draft tree nodes verified per step. None chooses each step's size from the
                 drafts' scores and this hardware's measured cost curve c(n) (see
                 decode.budget; measured once per model and device, a few seconds, then cached).
+    cuda_graphs: None is on iff the model is on CUDA: trees are padded to the budget's size
+                buckets and each bucket's verification forward is replayed from a CUDA
+                graph (captured on first use, kept per model). True on a CPU runs the same
+                padded static shapes without capture. See decode.verifier.
     Stops after max_new_tokens tokens or at the first EOS (``eos_token_id`` or the model's).
     """
     _check_inputs(model, input_ids, max_new_tokens)
@@ -196,18 +209,17 @@ def generate(
     tokens[:prompt_len] = input_ids[0].cpu().numpy()
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    cache = new_cache(model, end + (MAX_NODES if budget is None else budget) + 1)
+    max_nodes = MAX_NODES if budget is None else budget
+    verifier = TreeVerifier.of(model, end + max_nodes + 1, max_nodes, cuda_graphs)
     with verification_kernels(model):
-        # Prefill all prompt tokens but the last; the last is the root of the first step.
-        if prompt_len > 1:
-            model.base_model(input_ids=input_ids[:, :-1].to(model.device), past_key_values=cache, use_cache=True)
+        verifier.prefill(input_ids)
         length, done = prompt_len, False
         while not done:
             t0 = time.perf_counter()
             tree, proposed = _propose(drafters, tokens[:length], budget, end - length - 1, calibrator,
                                       costs.table(length) if costs is not None else None)
             t1 = time.perf_counter()
-            path, bonus, rows = _verify(model, cache, tree, int(tokens[length - 1]), length - 1, sampling, want_topk)
+            path, bonus, rows = verifier.verify(tree, int(tokens[length - 1]), length - 1, sampling, want_topk)
             t2 = time.perf_counter()
 
             new = [int(t) for t in tree.tokens[path]] + [bonus]  # <= end - length: depth < that
@@ -222,8 +234,10 @@ def generate(
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += t2 - t1
             _learn(drafters, proposed, tokens[:length], len(new), rows, calibrator)
+            stats.step_seconds += time.perf_counter() - t0
             if streamer is not None:
                 streamer.put(torch.tensor(new))
+    stats.wait_seconds = verifier.wait_seconds
     if streamer is not None:
         streamer.end()
     stats.new_tokens = length - prompt_len
@@ -248,25 +262,6 @@ class Proposal:
 def _agreeing(drafters: Sequence[Drafter], mask: int) -> str:
     """The calibration source of a fused node proposed by the drafters in ``mask``."""
     return "fused:" + "+".join(d.name for k, d in enumerate(drafters) if mask >> k & 1)
-
-
-def _verify(model, cache, tree: DraftTree, root: int, past: int, sampling: dict | None,
-            want_topk: bool) -> tuple[list[int], int, np.ndarray | None]:
-    """One forward of the target over [root + tree] after ``past`` cached tokens: the
-    accepted path (node indices), the bonus token and, if ``want_topk``, every verified
-    row's top-k (see ``_topk_rows``). The cache is compacted to the accepted path.
-    ``sampling``: accept_sampling's settings, None for greedy."""
-    ids, positions, mask = tree_inputs(root, tree, past, model.device, model.dtype)
-    hidden = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
-                              use_cache=True).last_hidden_state[0]  # [n+1, d]
-    head = model.get_output_embeddings()
-    logits = head(hidden) if want_topk or sampling is None else None  # [n+1, vocab]
-    if sampling is None:
-        path, bonus = accept_greedy(tree, logits.argmax(-1).cpu().numpy())
-    else:
-        path, bonus = accept_sampling(tree, lambda row: head(hidden[row]), **sampling)
-    compact_cache(cache, past, [0] + [i + 1 for i in path])
-    return path, bonus, _topk_rows(ids, logits) if want_topk else None
 
 
 def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int | None, max_depth: int,
@@ -321,12 +316,6 @@ def _learn(drafters: Sequence[Drafter], proposed: list[Proposal], context: np.nd
     if calibrator is not None:
         for p in proposed:
             calibrator.observe(p.tree, p.name, new, p.verdict, p.calibrated)
-
-
-def _topk_rows(ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
-    """int32 [n+1, 1 + TOPK]: each verified row's input token, then the target's top-k after it."""
-    top = logits.topk(TOPK, dim=-1).indices
-    return torch.cat([ids[0, :, None], top], dim=1).cpu().numpy().astype(np.int32)
 
 
 def _record(stats: GenerationStats, spans: list[Span], drafters: Sequence[Drafter], tree: DraftTree,
