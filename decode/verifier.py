@@ -37,7 +37,8 @@ import torch
 
 from retrodraft.decode.acceptance import accept_greedy_on_device, accept_sampling, path_first
 from retrodraft.decode.budget import SIZES
-from retrodraft.decode.tree_attention import ancestor_matrix, compact_cache, mask_groups, new_cache, truncate_cache
+from retrodraft.decode.tree_attention import (ancestor_matrix, compact_cache, mask_groups, new_cache, truncate_cache,
+                                              verification_kernels)
 from retrodraft.retrieval.tree import DraftTree
 
 logger = logging.getLogger(__name__)
@@ -265,3 +266,54 @@ class TreeVerifier:
         if want_topk:
             answer = torch.cat([answer, logits.topk(TOPK, dim=-1).indices.view(-1)])
         return hidden, logits, best, order, answer
+
+
+@torch.inference_mode()
+def verify_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: int = 5,
+                   cuda_graphs: bool | None = None) -> list[float]:
+    """Seconds of one greedy ``TreeVerifier.verify`` step as ``generate`` runs it (staging,
+    mask, forward, LM head, acceptance on the device and the copy back; CUDA graphs per
+    ``cuda_graphs``) for a chain of n random drafts over ``context`` random cached tokens,
+    for each n in ``sizes``: the median of ``reps`` after two uncounted runs (which capture
+    the graphs). Divided by the n = 0 figure this is c(n) for this path."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    verifier = TreeVerifier(model, context + max(sizes) + 1, max(sizes), cuda_graphs)
+    seconds = []
+    with verification_kernels(model):
+        verifier.prefill(torch.randint(0, vocab, (1, context + 1), generator=gen))
+        for n in sizes:
+            chain = DraftTree.build(torch.randint(0, vocab, (n,), generator=gen).numpy(), np.arange(n) - 1)
+            times = []
+            for _ in range(reps + 2):
+                t = time.perf_counter()
+                verifier.verify(chain, 0, context, None, False)  # ends with the copy back: no sync needed
+                times.append(time.perf_counter() - t)
+                truncate_cache(verifier.cache, context)
+            seconds.append(float(np.median(times[2:])))
+    return seconds
+
+
+def fused_kernels(model, context: int = 1024, nodes: int = 64) -> dict[str, bool]:
+    """Which of SDPA's fused CUDA kernels accept the attention of a verification step of
+    ``nodes`` nodes over ``context`` cached tokens as this module lays it out (packed query
+    heads, the verifier's mask view, the cache buffer's keys): flash, efficient (memory-
+    efficient) and cudnn. All False off CUDA; the efficient kernel is the one that must
+    say True, else SDPA falls back to its math kernel."""
+    from torch.backends.cuda import (SDPAParams, can_use_cudnn_attention, can_use_efficient_attention,
+                                     can_use_flash_attention)
+
+    verifier = TreeVerifier(model, context + nodes + 1, nodes)
+    r = verifier.rows(nodes)
+    verifier._stage(DraftTree.build(np.zeros(nodes, np.int32), np.arange(nodes) - 1), 0, context, r)
+    mask = verifier._write_mask(context, r)
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    like = dict(dtype=model.dtype, device=model.device)
+    query = torch.zeros(1, kv_heads, verifier.groups * r, head_dim, **like)
+    key = torch.zeros(1, kv_heads, verifier.capacity, head_dim, **like)[:, :, : mask.shape[-1]]
+    params = SDPAParams(query, key, key, mask, 0.0, False, False)
+    return {"flash": bool(can_use_flash_attention(params, False)),
+            "efficient": bool(can_use_efficient_attention(params, True)),
+            "cudnn": bool(can_use_cudnn_attention(params, False))}
