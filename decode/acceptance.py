@@ -30,9 +30,13 @@ def children_table(tree: DraftTree) -> dict[int, list[int]]:
 def accept_greedy(tree: DraftTree, argmax_rows: np.ndarray) -> tuple[list[int], int]:
     """Longest path whose every token equals the target's argmax at its parent.
 
-    argmax_rows: int [n + 1], the target's argmax at every tree row.
+    argmax_rows: int [n + 1], the target's argmax at every tree row. Among siblings with
+    the same token the first wins, as in ``accept_sampling`` (where a rejected token cannot
+    come back), so the accepted path is the one the emitted tokens spell.
     """
-    by_token = {(p, t): i for i, (p, t) in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist()))}
+    by_token: dict[tuple[int, int], int] = {}
+    for i, key in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist())):
+        by_token.setdefault(key, i)
     path: list[int] = []
     node = -1
     while True:
@@ -50,15 +54,14 @@ def accept_greedy_on_device(argmax_rows: torch.Tensor, tokens: torch.Tensor, par
     it can run inside a captured CUDA graph and only its answer crosses to the host.
 
     argmax_rows: int64 [r], the target's argmax at every row (r = nodes + 1, rows as in
-    ``accept_greedy``); tokens: int64 [r - 1], each node's token, -1 for a padding node
-    (never accepted); parent_rows: int64 [r - 1], each node's parent row (0 = root);
+    ``accept_greedy``); tokens: int64 [r - 1], each node's token, or -1 for a node never to
+    accept: a padding node, or a node repeating an earlier sibling's token (see
+    ``first_of_siblings``); parent_rows: int64 [r - 1], each node's parent row (0 = root);
     ancestors: bool [r, r], (i, j) True if row j is row i or one of its ancestors.
     Returns (best, order): best, int64 [], the row of the last accepted node (0: none);
     order, int64 [r], the accepted rows in path order (root first), then the others.
-    A node is accepted when it and all its ancestors match, so with distinct siblings (as
-    ``fuse`` leaves them) the accepted nodes form one chain and its deepest node is the one
-    ``accept_greedy`` ends at. With duplicate siblings the deepest accepted chain wins (a
-    path of the same tokens, so the same output).
+    A node is accepted when it and all its ancestors match; siblings left with distinct
+    tokens, the accepted nodes form one chain, ending where ``accept_greedy`` ends.
     """
     r = argmax_rows.shape[0]
     ok = torch.ones(r, dtype=torch.bool, device=argmax_rows.device)
@@ -68,6 +71,15 @@ def accept_greedy_on_device(argmax_rows: torch.Tensor, tokens: torch.Tensor, par
     best = torch.where(accepted, depth, 0).argmax()
     index = torch.arange(r, device=argmax_rows.device)
     return best, path_first(ancestors, best, index)
+
+
+def first_of_siblings(tree: DraftTree) -> np.ndarray:
+    """bool [n]: False for a node whose parent has an earlier child with the same token
+    (``accept_greedy`` takes the first)."""
+    key = (tree.parents.astype(np.int64) + 1) * (int(tree.tokens.max(initial=0)) + 1) + tree.tokens
+    first = np.zeros(len(tree), bool)
+    first[np.unique(key, return_index=True)[1]] = True
+    return first
 
 
 def path_first(ancestors: torch.Tensor, row: torch.Tensor | int, index: torch.Tensor) -> torch.Tensor:

@@ -35,15 +35,15 @@ import weakref
 import numpy as np
 import torch
 
-from retrodraft.decode.acceptance import accept_greedy_on_device, accept_sampling, path_first
+from retrodraft.decode.acceptance import accept_greedy_on_device, accept_sampling, first_of_siblings, path_first
 from retrodraft.decode.budget import SIZES
+from retrodraft.retrieval.config import DEFAULT
 from retrodraft.decode.tree_attention import (ancestor_matrix, compact_cache, mask_groups, new_cache, truncate_cache,
                                               verification_kernels)
 from retrodraft.retrieval.tree import DraftTree
 
 logger = logging.getLogger(__name__)
 
-TOPK = 8  # top-k ids per verified row handed to drafters that learn from them
 ALIGN = 8  # mask row stride, in elements, that the memory-efficient SDPA kernel takes without a copy
 IDS, POSITIONS, SLOTS, TOKENS, PARENTS = range(5)  # rows of the staged int64 [5, rows] block
 
@@ -57,8 +57,11 @@ class TreeVerifier:
     positions, preallocated on the model's device), the staging buffers and the mask.
 
     max_nodes:   the largest tree ``verify`` will get.
+    sizes:       the tree sizes a static forward pads to (the cost curve's: each is a size
+                 the budget may pick; ``max_nodes`` is added).
+    topk:        top-k ids per row that ``verify`` returns when asked.
     cuda_graphs: None: on iff the model is on CUDA. True: static shapes (trees padded to
-                 the size buckets ``SIZES``, attention over the whole cache) and, on CUDA,
+                 the next of ``sizes``, attention over the whole cache) and, on CUDA,
                  each bucket's forward captured in a CUDA graph on first use and replayed
                  after; on a CPU the static path runs without capture (to test it).
     Use ``TreeVerifier.of`` to reuse one verifier, and its captured graphs, across calls.
@@ -68,16 +71,18 @@ class TreeVerifier:
     _shared: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> TreeVerifier with graphs
 
     @classmethod
-    def of(cls, model, capacity: int, max_nodes: int, cuda_graphs: bool | None = None) -> TreeVerifier:
+    def of(cls, model, capacity: int, max_nodes: int, cuda_graphs: bool | None = None,
+           sizes: tuple[int, ...] = SIZES, topk: int = DEFAULT.topk) -> TreeVerifier:
         """A verifier for ``model`` with room for ``capacity`` positions, emptied. With CUDA
         graphs the last one is reused when large enough, so its graphs are captured once
         per process (its capacity is rounded up to a power of two, at least 512, so that
         calls of similar lengths share it); otherwise a new one."""
         graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if not (graphs and model.device.type == "cuda"):
-            return cls(model, capacity, max_nodes, cuda_graphs)
+            return cls(model, capacity, max_nodes, cuda_graphs, sizes, topk)
         old = cls._shared.get(model)
-        if old is not None and old.capacity >= capacity and old.max_rows >= max_nodes + 1:
+        if (old is not None and old.capacity >= capacity and old.max_rows == max_nodes + 1 and old.topk == topk
+                and old.sizes == sizes):
             old.reset()
             return old
         if old is not None:
@@ -85,10 +90,11 @@ class TreeVerifier:
             del old
             torch.cuda.empty_cache()
         size = 1 << max(9, (capacity - 1).bit_length())
-        cls._shared[model] = verifier = cls(model, size, max(max_nodes, SIZES[-1]), True)
+        cls._shared[model] = verifier = cls(model, size, max_nodes, True, sizes, topk)
         return verifier
 
-    def __init__(self, model, capacity: int, max_nodes: int, cuda_graphs: bool | None = None):
+    def __init__(self, model, capacity: int, max_nodes: int, cuda_graphs: bool | None = None,
+                 sizes: tuple[int, ...] = SIZES, topk: int = DEFAULT.topk):
         device = model.device
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
@@ -96,7 +102,8 @@ class TreeVerifier:
         self.device = device
         self.static = cuda_graphs
         self.capture = cuda_graphs and device.type == "cuda"
-        self.buckets = tuple(s for s in SIZES if s < max_nodes) + (max_nodes,)
+        self.sizes, self.topk = sizes, topk
+        self.buckets = tuple(s for s in sizes if s < max_nodes) + (max_nodes,)
         self.max_rows = max_nodes + 1
         self.capacity = capacity
         self.groups = mask_groups(model)
@@ -134,16 +141,16 @@ class TreeVerifier:
         """Run the prompt but its last token (the first step's root) into the cache."""
         self.cache.writes.slots = None
         if input_ids.shape[1] > 1:
-            self.model.base_model(input_ids=input_ids[:, :-1].to(self.device), past_key_values=self.cache,
-                                  use_cache=True)
+            self.model.base_model(input_ids=input_ids[:, :-1].to(self.device), cache=self.cache, use_cache=True)
 
-    def verify(self, tree: DraftTree, root: int, past: int, sampling: dict | None,
-               want_topk: bool) -> tuple[list[int], int, np.ndarray | None]:
+    def verify(self, tree: DraftTree, root: int, past: int, sampling: dict | None, want_topk: bool,
+               want_hidden: bool = False) -> tuple[list[int], int, np.ndarray | None, np.ndarray | None]:
         """One forward of the target over [root + tree] after ``past`` cached tokens: the
-        accepted path (node indices), the bonus token and, if ``want_topk``, int32
-        [n + 1, 1 + TOPK]: each verified row's input token, then the target's top-k after it.
-        The cache is compacted to the accepted path. ``sampling``: accept_sampling's
-        settings, None for greedy (decided on the device)."""
+        accepted path (node indices), the bonus token, if ``want_topk`` int32
+        [n + 1, 1 + topk]: each verified row's input token, then the target's top-k after it,
+        and if ``want_hidden`` every row's last hidden state, float32 [n + 1, d] (a second
+        copy back). The cache is compacted to the accepted path. ``sampling``:
+        accept_sampling's settings, None for greedy (decided on the device)."""
         n = len(tree)
         if n + 1 > self.max_rows:
             raise ValueError(f"a tree of {n} nodes exceeds this verifier's max_nodes ({self.max_rows - 1})")
@@ -174,9 +181,10 @@ class TreeVerifier:
             self._block(past, r).zero_()
         rows = None
         if want_topk:
-            top = answer[2:].view(r, TOPK)[: n + 1]
+            top = answer[2:].view(r, self.topk)[: n + 1]
             rows = torch.cat([self._ints[IDS, : n + 1, None], top], dim=1).numpy().astype(np.int32)
-        return path, bonus, rows
+        states = hidden[: n + 1].float().cpu().numpy() if want_hidden else None
+        return path, bonus, rows, states
 
     def _stage(self, tree: DraftTree, root: int, past: int, r: int) -> None:
         """Fill the host staging buffers for rows 0..r-1 and copy them to the device."""
@@ -187,8 +195,8 @@ class TreeVerifier:
         ints[POSITIONS, :r] = past
         ints[POSITIONS, 1 : n + 1] += tree.depths()
         ints[SLOTS, :r] = past + np.arange(r)
-        ints[TOKENS, : r - 1] = -1  # padding nodes match nothing
-        ints[TOKENS, :n] = tree.tokens
+        ints[TOKENS, : r - 1] = -1  # padding nodes match nothing, nor repeats of a sibling's token
+        ints[TOKENS, :n] = np.where(first_of_siblings(tree), tree.tokens, -1)
         ints[PARENTS, :n] = tree.parents + 1
         anc = self._anc[: r * r].numpy().reshape(r, r)
         anc.fill(False)
@@ -247,12 +255,12 @@ class TreeVerifier:
     def _forward(self, r: int, mask: torch.Tensor | None, heads: bool, want_topk: bool) -> tuple:
         """The forward over the staged rows and, with ``heads``, the LM head and greedy
         acceptance, all on the device: (hidden [r, d], logits [r, vocab], best row, path-first
-        order [r], int64 answer [2 (+ r * TOPK)]: best row, bonus token (, top-k per row))."""
+        order [r], int64 answer [2 (+ r * topk)]: best row, bonus token (, top-k per row))."""
         ints = self._ints_d
         self.cache.writes.slots = ints[SLOTS, :r] if self.static else None
         try:
             hidden = self.model.base_model(input_ids=ints[IDS, None, :r], position_ids=ints[POSITIONS, None, :r],
-                                           attention_mask=mask, past_key_values=self.cache,
+                                           attention_mask=mask, cache=self.cache,
                                            use_cache=True).last_hidden_state[0]  # [r, d]
         finally:
             self.cache.writes.slots = None
@@ -264,7 +272,7 @@ class TreeVerifier:
         best, order = accept_greedy_on_device(argmax, ints[TOKENS, : r - 1], ints[PARENTS, : r - 1], ancestors)
         answer = torch.stack([best, argmax[best]])
         if want_topk:
-            answer = torch.cat([answer, logits.topk(TOPK, dim=-1).indices.view(-1)])
+            answer = torch.cat([answer, logits.topk(self.topk, dim=-1).indices.view(-1)])
         return hidden, logits, best, order, answer
 
 

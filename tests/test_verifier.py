@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import tiny_model
 from test_generate_tiny import REPETITIVE, FixedDrafter, vanilla
 from retrodraft.decode import generate
-from retrodraft.decode.acceptance import accept_greedy, accept_greedy_on_device
+from retrodraft.decode.acceptance import accept_greedy, accept_greedy_on_device, first_of_siblings
 from retrodraft.decode.tree_attention import ancestor_matrix, tree_inputs, verification_kernels
 from retrodraft.decode.verifier import ALIGN, TreeVerifier
 from retrodraft.retrieval.tree import DraftTree
@@ -105,18 +105,16 @@ def test_the_mask_buffer_is_clean_after_each_step():
 
 @st.composite
 def trees_and_argmax(draw):
-    """A tree of distinct siblings (as fuse leaves them) over 6 tokens, and an argmax per row."""
+    """A tree over 4 tokens (siblings may repeat a token) and an argmax per row."""
     parents, tokens = [], []
     for _ in range(draw(st.integers(0, 24))):
-        p, t = draw(st.integers(-1, len(parents) - 1)), draw(st.integers(0, 5))
-        if (p, t) not in zip(parents, tokens):
-            parents.append(p)
-            tokens.append(t)
-    argmax = draw(st.lists(st.integers(0, 5), min_size=len(tokens) + 1, max_size=len(tokens) + 1))
+        parents.append(draw(st.integers(-1, len(parents) - 1)))
+        tokens.append(draw(st.integers(0, 3)))
+    argmax = draw(st.lists(st.integers(0, 3), min_size=len(tokens) + 1, max_size=len(tokens) + 1))
     return DraftTree.build(tokens, parents), argmax
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(trees_and_argmax(), st.integers(0, 3))
 def test_acceptance_on_the_device_equals_accept_greedy(case, padding):
     tree, argmax = case
@@ -124,14 +122,20 @@ def test_acceptance_on_the_device_equals_accept_greedy(case, padding):
     anc = np.eye(r, dtype=bool)
     anc[: n + 1, : n + 1] = ancestor_matrix(tree.parents)
     rows = argmax + [0] * padding  # padding rows' argmax is arbitrary
+    tokens = np.where(first_of_siblings(tree), tree.tokens, -1).tolist() + [-1] * padding
     best, order = accept_greedy_on_device(
-        torch.tensor(rows), torch.tensor(tree.tokens.tolist() + [-1] * padding, dtype=torch.int64),
+        torch.tensor(rows), torch.tensor(tokens, dtype=torch.int64),
         torch.tensor((tree.parents + 1).tolist() + [0] * padding, dtype=torch.int64), torch.from_numpy(anc))
     path, bonus = accept_greedy(tree, np.array(argmax))
     assert int(best) - 1 == (path[-1] if path else -1)
     assert rows[int(best)] == bonus
     assert order[: len(path) + 1].tolist() == [0] + [i + 1 for i in path]
     assert sorted(order.tolist()) == list(range(r))
+
+
+def test_repeated_siblings_are_not_accepted_twice():
+    tree = DraftTree.build([5, 5, 6, 5], [-1, -1, 1, 0])  # node 1 repeats node 0's token
+    assert first_of_siblings(tree).tolist() == [True, False, True, True]
 
 
 def test_steps_are_timed_with_the_host_share():
