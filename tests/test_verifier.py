@@ -35,6 +35,16 @@ def test_padding_a_wrong_bushy_tree_changes_nothing(arch):
         assert torch.equal(out.sequences, vanilla(model, REPETITIVE, 30))
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_bfloat16_target_verifies(graphs):
+    """bf16 (the CUDA default) through both paths: a forward over n rows may round
+    differently from one over 1 row, so only the shape of the answer is checked here
+    (tools/gpu_check.py counts divergences on a GPU)."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    out = generate(model, REPETITIVE, max_new_tokens=16, budget=8, eos_token_id=[], cuda_graphs=graphs)
+    assert out.sequences.shape == (1, REPETITIVE.shape[1] + 16) and out.stats.steps <= 16
+
+
 def test_a_one_token_prompt_with_static_shapes():
     model = tiny_model("qwen2")
     ids = torch.tensor([[3]])
@@ -69,11 +79,12 @@ def test_rows_are_padded_to_the_next_bucket():
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_mask_is_built_on_the_device_in_a_layout_sdpa_takes_without_a_copy(static):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_is_built_on_the_device_in_a_layout_sdpa_takes_without_a_copy(static, dtype):
     """The model's dtype, last dimension contiguous, row stride a multiple of 8 (else the
     memory-efficient kernel pads a copy per layer), tiled once per query group, and the same
     visibility as tree_inputs' mask."""
-    model = tiny_model("llama")  # 4 query heads on 2 key/value heads: 2 groups
+    model = tiny_model("llama").to(dtype)  # 4 query heads on 2 key/value heads: 2 groups
     verifier = TreeVerifier(model, 61, 8, cuda_graphs=static)
     tree = DraftTree.build([10, 11, 12, 13, 14], [-1, -1, 1, 2, 0])  # static: padded to 6 nodes
     past, n = 5, 5

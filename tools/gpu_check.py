@@ -27,9 +27,10 @@ and prints a summary. Phases, in order:
   replay      acceptance replayed over the recorded traces with every drafter fused, each
               step's size chosen on the 1B-class cost curve: the speedup that curve predicts.
 
---quick is a smoke test that runs anywhere (with --device cpu): 2 prompts, 6 tokens, one
-question in two groups, a small random Llama instead of the 1B one, 5 sizes, 2 traces, a
-fixed budget of 8 (no cost-curve measurement for the default model).
+--quick is a smoke test that runs anywhere (with --device cpu): 2 prompts, 6 tokens, float32
+only (bfloat16 matrix products are slow on most CPUs), one question in two groups, a small
+random Llama instead of the 1B one, 5 sizes, 2 traces, a fixed budget of 8 (no cost-curve
+measurement for the default model).
 Spec-Bench and replay read --data (default: the shared data beside the checkout); without
 it they are skipped, saying so, and exactness uses a few built-in prompts.
 """
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=None, help="per output (default 128; quick 6)")
     ap.add_argument("--budget", type=int, default=None,
                     help="fixed tree size for ours (default: automatic on the measured cost curve; quick 8)")
-    ap.add_argument("--dtypes", default="float32,bfloat16", help="dtypes for exactness (default float32,bfloat16)")
+    ap.add_argument("--dtypes", default=None, help="dtypes for exactness (default float32,bfloat16; quick float32)")
     ap.add_argument("--data", type=Path, default=next((d for d in DATA_DIRS if d.is_dir()), None),
                     help="folder with spec_bench/question.jsonl and traces/ (default: ../shared/data)")
     args = ap.parse_args(argv)
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
 
     prompts_n, limit = pick(args.prompts, 2, 10), pick(args.limit, 1, 3)
     max_new, budget = pick(args.max_new_tokens, 6, 128), pick(args.budget, 8, None)
-    dtypes = args.dtypes.split(",")
+    dtypes = (args.dtypes or ("float32" if quick else "float32,bfloat16")).split(",")
     if bad := [d for d in dtypes if d not in DTYPES]:
         sys.exit(f"unknown dtype {bad[0]!r}: choose from {', '.join(DTYPES)}")
     if min(prompts_n, limit, max_new) < 1:
