@@ -121,7 +121,6 @@ class TreeVerifier:
         self._anc_d = self._anc if on_host else self._anc.to(device)
         self._index = torch.arange(self.max_rows, device=device)
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.wait_seconds = 0.0  # time blocked on the device's answer, summed over steps
 
     def reset(self) -> None:
@@ -247,7 +246,9 @@ class TreeVerifier:
                 self._forward(r, mask, True, want_topk)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # each graph keeps its own memory pool: buckets replay in any order, so sharing
+        # one pool would not be safe
+        with torch.cuda.graph(graph):
             outputs = self._forward(r, mask, True, want_topk)
         logger.debug("captured the verify forward for %d rows in %.3fs", r, time.perf_counter() - t)
         return graph, outputs
