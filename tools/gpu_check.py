@@ -28,7 +28,7 @@ and prints a summary. Phases, in order:
               step's size chosen on the 1B-class cost curve: the speedup that curve predicts.
 
 --quick is a smoke test that runs anywhere (with --device cpu): 2 prompts, 6 tokens, float32
-only (bfloat16 matrix products are slow on most CPUs), one question in two groups, a small
+only (bfloat16 matrix products are slow on most CPUs), one qa question, no warm-up, a small
 random Llama instead of the 1B one, 5 sizes, 2 traces, a fixed budget of 8 (no cost-curve
 measurement for the default model).
 Spec-Bench and replay read --data (default: the shared data beside the checkout); without
@@ -134,11 +134,11 @@ def cost_curve(model, context: int, sizes: tuple[int, ...], reps: int) -> dict:
 
 
 def specbench(model, tokenizer, data: Path, limit: int, categories: set[str] | None, max_new_tokens: int,
-              budget: int | None) -> dict:
+              budget: int | None, warmup: int) -> dict:
     """Spec-Bench side by side (tools/bench.py's loop) for SPECBENCH_METHODS."""
     questions = load_questions(data / "spec_bench" / "question.jsonl", categories, limit)
     table = {k: v for k, v in methods(model, None, budget).items() if k in SPECBENCH_METHODS}
-    records = time_methods(questions, tokenizer, table, max_new_tokens, warmup=1)
+    records = time_methods(questions, tokenizer, table, max_new_tokens, warmup)
     result = summarize(records, list(table))
     ours = [r["retrodraft"] for r in records]
     host, step = sum(r["host_seconds"] for r in ours), sum(r["step_seconds"] for r in ours)
@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     if data is None:
         report["specbench"] = {"skipped": "no data folder (pass --data DIR with spec_bench/question.jsonl)"}
     else:
-        categories = {"summarization", "qa"} if quick else None
-        report["specbench"] = specbench(model, tokenizer, data, limit, categories, max_new, budget)
+        categories = {"qa"} if quick else None
+        report["specbench"] = specbench(model, tokenizer, data, limit, categories, max_new, budget, 0 if quick else 1)
     phase("specbench")
 
     traces = data / "traces" / "smollm2_specbench_dev.jsonl" if data is not None else None
