@@ -48,6 +48,46 @@ def accept_greedy(tree: DraftTree, argmax_rows: np.ndarray) -> tuple[list[int], 
         node = child
 
 
+def accept_greedy_on_device(argmax_rows: torch.Tensor, tokens: torch.Tensor, parent_rows: torch.Tensor,
+                            ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``accept_greedy`` as a few tensor operations on the rows' device, with no sync, so
+    it can run inside a captured CUDA graph and only its answer crosses to the host.
+
+    argmax_rows: int64 [r], the target's argmax at every row (r = nodes + 1, rows as in
+    ``accept_greedy``); tokens: int64 [r - 1], each node's token, or -1 for a node never to
+    accept: a padding node, or a node repeating an earlier sibling's token (see
+    ``first_of_siblings``); parent_rows: int64 [r - 1], each node's parent row (0 = root);
+    ancestors: bool [r, r], (i, j) True if row j is row i or one of its ancestors.
+    Returns (best, order): best, int64 [], the row of the last accepted node (0: none);
+    order, int64 [r], the accepted rows in path order (root first), then the others.
+    A node is accepted when it and all its ancestors match; siblings left with distinct
+    tokens, the accepted nodes form one chain, ending where ``accept_greedy`` ends.
+    """
+    r = argmax_rows.shape[0]
+    ok = torch.ones(r, dtype=torch.bool, device=argmax_rows.device)
+    ok[1:] = tokens == argmax_rows[parent_rows]
+    accepted = ~(ancestors & ~ok).any(1)  # [r]
+    depth = ancestors.sum(1)
+    best = torch.where(accepted, depth, 0).argmax()
+    index = torch.arange(r, device=argmax_rows.device)
+    return best, path_first(ancestors, best, index)
+
+
+def first_of_siblings(tree: DraftTree) -> np.ndarray:
+    """bool [n]: False for a node whose parent has an earlier child with the same token
+    (``accept_greedy`` takes the first)."""
+    key = (tree.parents.astype(np.int64) + 1) * (int(tree.tokens.max(initial=0)) + 1) + tree.tokens
+    first = np.zeros(len(tree), bool)
+    first[np.unique(key, return_index=True)[1]] = True
+    return first
+
+
+def path_first(ancestors: torch.Tensor, row: torch.Tensor | int, index: torch.Tensor) -> torch.Tensor:
+    """int64 [r]: the rows on the path to ``row`` (root first, in order), then the others.
+    ``index`` is arange(r) on the device."""
+    return torch.where(ancestors[row], index, index + index.shape[0]).argsort()
+
+
 def warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Probabilities [vocab] after temperature, top-k and top-p, in transformers' order."""
     logits = logits.float() / temperature

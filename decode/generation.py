@@ -14,17 +14,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from retrodraft.decode.acceptance import accept_greedy, accept_sampling
 from retrodraft.decode.budget import CostModel
 from retrodraft.decode.keys import nest_drafters
-from retrodraft.decode.tree_attention import compact_cache, new_cache, verification_kernels, tree_inputs
+from retrodraft.decode.tree_attention import verification_kernels
+from retrodraft.decode.verifier import TreeVerifier
 from retrodraft.retrieval.calibration import Calibrator
 from retrodraft.retrieval.config import DEFAULT, SpeculationConfig
 from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter, ReferenceDrafter, as_token_array
 from retrodraft.retrieval.errors import StaleDatastoreError
 from retrodraft.retrieval.online import OnlineState
 from retrodraft.retrieval.speculator import Span, Speculator
-from retrodraft.retrieval.tree import DraftTree
 
 MAX_BUDGET = 1024  # nodes per step a caller may ask for: the cache and mask grow with it
 
@@ -40,6 +39,14 @@ class GenerationStats:
     accepted_per_drafter: dict[str, int] = field(default_factory=dict)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    step_seconds: float = 0.0  # whole steps: drafting, verifying, acceptance, learning
+    wait_seconds: float = 0.0  # of which blocked on the device's answer (~0 on a CPU, where the forward is host work)
+
+    @property
+    def host_seconds(self) -> float:
+        """Step time the host was busy (drafting, Python, kernel launches; on a CPU the
+        forward too): what CUDA graphs and a faster loop can cut on a GPU."""
+        return self.step_seconds - self.wait_seconds
     predicted_step_seconds: list[float] = field(default_factory=list)  # cost model's forecast, per step
     measured_step_seconds: list[float] = field(default_factory=list)  # wall time, per step (automatic budget only)
 
@@ -57,7 +64,8 @@ class GenerationStats:
         by = ", ".join(f"{k} {v}" for k, v in self.accepted_per_drafter.items()) or "none"
         return (
             f"{self.new_tokens} tokens in {self.steps} steps, {self.mean_accepted:.2f} tokens/step; "
-            f"accepted drafts by source: {by}; drafting {self.draft_seconds:.3f}s, verifying {self.verify_seconds:.3f}s"
+            f"accepted drafts by source: {by}; drafting {self.draft_seconds:.3f}s, verifying {self.verify_seconds:.3f}s, "
+            f"host busy {self.host_seconds:.3f}s of {self.step_seconds:.3f}s in steps"
             + (f"; step time predicted {sum(self.predicted_step_seconds):.3f}s, measured "
                f"{sum(self.measured_step_seconds):.3f}s (median error {100 * self.prediction_error:.0f}%)"
                if self.measured_step_seconds else "")
@@ -204,6 +212,7 @@ def generate(
     streamer=None,
     seed: int | None = None,
     config: SpeculationConfig = DEFAULT,
+    cuda_graphs: bool | None = None,
 ) -> GenerationOutput:
     """Generate like ``model.generate``, verifying retrieved drafts with tree attention.
 
@@ -234,6 +243,10 @@ def generate(
                 decode.budget: measured once per model and device, cached, then learned
                 from every step's time, so the sizes follow the machine's load).
     config:     the speculation knobs (``retrieval.SpeculationConfig``).
+    cuda_graphs: None is on iff the model is on CUDA: trees are padded to the cost curve's
+                sizes (``config.cost_sizes``) and each size's verification forward is
+                replayed from a CUDA graph (captured on first use, kept per model). True on
+                a CPU runs the same padded static shapes without capture. See decode.verifier.
     Stops after max_new_tokens tokens or at the first EOS (``eos_token_id`` or the model's).
     """
     _check_inputs(model, input_ids, max_new_tokens)
@@ -248,7 +261,7 @@ def generate(
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) if do_sample else None
     tokens, length, stats = _decode(model, input_ids, max_new_tokens, spec, sampling, _eos_ids(model, eos_token_id),
-                                    streamer, costs if seed is None else None, drafting)
+                                    streamer, costs if seed is None else None, drafting, cuda_graphs)
     prompt_len = input_ids.shape[1]
     if datastore is not None:
         try:
@@ -263,8 +276,8 @@ def generate(
 
 
 def _decode(model, input_ids: torch.Tensor, max_new_tokens: int, spec: Speculator, sampling: dict | None,
-            eos: set[int], streamer, costs: CostModel | None = None,
-            drafting: str = "") -> tuple[np.ndarray, int, GenerationStats]:
+            eos: set[int], streamer, costs: CostModel | None = None, drafting: str = "",
+            cuda_graphs: bool | None = None) -> tuple[np.ndarray, int, GenerationStats]:
     """The step loop: propose -> verify -> accept -> observe, until max_new_tokens or EOS.
     ``costs`` (the automatic budget's) learns each step's time, keyed by ``drafting``.
     Returns the token buffer (int32), its filled length and the stats."""
@@ -275,18 +288,17 @@ def _decode(model, input_ids: torch.Tensor, max_new_tokens: int, spec: Speculato
     tokens[:prompt_len] = input_ids[0].cpu().numpy()
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    cache = new_cache(model, end + spec.max_nodes + 1)
+    verifier = TreeVerifier.of(model, end + spec.max_nodes + 1, spec.max_nodes, cuda_graphs,
+                               spec.config.cost_sizes, spec.config.topk)
     with verification_kernels(model):
-        # Prefill all prompt tokens but the last; the last is the root of the first step.
-        if prompt_len > 1:
-            model.base_model(input_ids=input_ids[:, :-1].to(model.device), cache=cache, use_cache=True)
+        verifier.prefill(input_ids)
         length, done = prompt_len, False
         while not done:
             t0 = time.perf_counter()
             tree = spec.propose(tokens[:length], room=end - length)
             t1 = time.perf_counter()
-            path, bonus, rows, hidden = _verify(model, cache, tree, int(tokens[length - 1]), length - 1, sampling,
-                                                spec)
+            path, bonus, rows, hidden = verifier.verify(tree, int(tokens[length - 1]), length - 1, sampling,
+                                                        spec.needs_topk, spec.needs_hidden)
             t2 = time.perf_counter()
 
             new = [int(t) for t in tree.tokens[path]] + [bonus]  # <= end - length: depth < that
@@ -300,10 +312,12 @@ def _decode(model, input_ids: torch.Tensor, max_new_tokens: int, spec: Speculato
             stats.steps += 1
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += t2 - t1
+            stats.step_seconds += time.perf_counter() - t0
             if costs is not None:
                 _time_step(costs, stats, length - len(new), len(tree), drafting, t0, t1, t2)
             if streamer is not None:
                 streamer.put(torch.tensor(new))
+    stats.wait_seconds = verifier.wait_seconds
     if streamer is not None:
         streamer.end()
     if costs is not None:
@@ -322,29 +336,3 @@ def _time_step(costs: CostModel, stats: GenerationStats, context: int, nodes: in
     stats.measured_step_seconds.append(total)
     costs.observe(context, nodes, t2 - t1, host_seconds=total - (t2 - t1), drafting=drafting)
 
-
-def _verify(model, cache, tree: DraftTree, root: int, past: int, sampling: dict | None,
-            spec: Speculator) -> tuple[list[int], int, np.ndarray | None, np.ndarray | None]:
-    """One forward of the target over [root + tree] after ``past`` cached tokens: the
-    accepted path (node indices), the bonus token and, as ``spec`` needs them, every
-    verified row's top-k (see ``_topk_rows``) and last hidden state (float [n+1, d]). The
-    cache is compacted to the accepted path. ``sampling``: accept_sampling's settings,
-    None for greedy."""
-    ids, positions, mask = tree_inputs(root, tree, past, model.device, model.dtype)
-    hidden = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache,
-                              use_cache=True).last_hidden_state[0]  # [n+1, d]
-    head = model.get_output_embeddings()
-    logits = head(hidden) if spec.needs_topk or sampling is None else None  # [n+1, vocab]
-    if sampling is None:
-        path, bonus = accept_greedy(tree, logits.argmax(-1).cpu().numpy())
-    else:
-        path, bonus = accept_sampling(tree, lambda row: head(hidden[row]), **sampling)
-    compact_cache(cache, past, [0] + [i + 1 for i in path])
-    rows = _topk_rows(ids, logits, spec.config.topk) if spec.needs_topk else None
-    return path, bonus, rows, hidden.float().cpu().numpy() if spec.needs_hidden else None
-
-
-def _topk_rows(ids: torch.Tensor, logits: torch.Tensor, k: int) -> np.ndarray:
-    """int32 [n+1, 1 + k]: each verified row's input token, then the target's top-k after it."""
-    top = logits.topk(k, dim=-1).indices
-    return torch.cat([ids[0, :, None], top], dim=1).cpu().numpy().astype(np.int32)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -33,16 +33,36 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     """SDPA with grouped query heads packed onto their key/value head for a masked
     multi-token query: query [b, heads, q, d] -> [b, kv_heads, groups * q, d] against the
     cache as it is, the mask tiled once per group. The same arithmetic as repeating the
-    cache per head, without the copies. Anything else goes to transformers' SDPA."""
+    cache per head, without the copies. Anything else goes to transformers' SDPA.
+
+    The mask may come tiled already ([.., groups * q, kv], row g * q + i = query i; see
+    ``mask_groups``), so that one tiling serves every layer; an untiled one ([.., q, kv]) is
+    tiled here, once per forward (``_tiled``).
+    """
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q, d = query.shape
     special = dropout or any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "cache"))
-    if groups == 1 or q == 1 or attention_mask is None or attention_mask.dim() != 4 or special:
+    if groups == 1 or attention_mask is None or attention_mask.dim() != 4 or special:
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] != q:
+            attention_mask = attention_mask[:, :, :q]  # tiled: every group's rows are the same
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if attention_mask.shape[-2] != groups * q:  # not tiled by the caller (decode.verifier tiles)
+        attention_mask = _tiled(attention_mask, groups)
     out = F.scaled_dot_product_attention(query.reshape(b, heads // groups, groups * q, d), key, value,
-                                         attn_mask=_tiled(attention_mask, groups), scale=scaling)
+                                         attn_mask=attention_mask, scale=scaling)
     return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
+
+
+def mask_groups(model) -> int:
+    """How many times a tree mask's rows are tiled for ``model`` under ``verification_kernels``:
+    its query heads per key/value head when ``packed_sdpa`` packs them, else 1."""
+    config = model.config
+    if config._attn_implementation not in ("sdpa", PACKED_SDPA):
+        return 1
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads // kv_heads if heads and kv_heads else 1
 
 
 _last_tiled: list = [None, 0, None]  # (mask, groups, tiled): every layer of a forward gets the same mask
@@ -82,38 +102,61 @@ def verification_kernels(model) -> Iterator[None]:
         yield
 
 
+class Writes:
+    """Where the next forward writes its keys and values, shared by a cache's layers: None
+    appends after the cached entries; a LongTensor [rows] on the cache's device names the
+    positions, and attention then runs over the whole buffer (static shapes: the mask says
+    which entries count). The positions are a tensor so a captured CUDA graph reads them
+    from a fixed address."""
+
+    def __init__(self):
+        self.slots: torch.Tensor | None = None
+
+
 class _BufferedLayer(DynamicLayer):
     """A full-attention cache layer whose keys and values are views of a buffer of
-    ``capacity`` positions (doubled when outgrown), so appending copies only the new rows.
-    ``truncate_cache`` and ``compact_cache`` keep working on the views."""
+    ``capacity`` positions (doubled when outgrown, unless writes are static), so appending
+    copies only the new rows. ``truncate_cache`` and ``compact_cache`` keep working on the
+    views."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, writes: Writes):
         super().__init__()
         self.capacity = capacity
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.writes = writes
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         old = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        slots = self.writes.slots
         new = old + key_states.shape[-2]
-        if self._buffers is None or new > self._buffers[0].shape[-2]:
-            size = max(self.capacity, 2 * new)
-            grown = tuple(s.new_empty(*s.shape[:2], size, s.shape[-1]) for s in (key_states, value_states))
+        if self.buffers is None or (slots is None and new > self.buffers[0].shape[-2]):
+            size = self.capacity if new <= self.capacity else 2 * new
+            grown = tuple(s.new_zeros(*s.shape[:2], size, s.shape[-1]) for s in (key_states, value_states))
             if old:
                 grown[0][:, :, :old], grown[1][:, :, :old] = self.keys, self.values
-            self._buffers = grown
-        k, v = self._buffers
+            self.buffers = grown
+        k, v = self.buffers
+        if slots is not None:
+            k.index_copy_(2, slots, key_states)
+            v.index_copy_(2, slots, value_states)
+            return k, v
         k[:, :, old:new], v[:, :, old:new] = key_states, value_states
         self.keys, self.values = k[:, :, :new], v[:, :, :new]
         return self.keys, self.values
 
 
-def new_cache(model, capacity: int) -> DynamicCache:
+def new_cache(model, capacity: int, static: bool = False) -> DynamicCache:
     """A cache for ``model`` whose full-attention layers hold ``capacity`` positions without
-    reallocating (sliding-window layers stay transformers' own)."""
+    reallocating (sliding-window layers stay transformers' own). ``static``: every layer is
+    buffered, sliding-window ones too (``generate`` never goes past the window), so that a
+    forward can write at ``cache.writes.slots`` and attend over whole buffers."""
     cache = DynamicCache(config=model.config)
-    cache.layers = [_BufferedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.writes = Writes()
+    kinds = (DynamicLayer, DynamicSlidingWindowLayer) if static else (DynamicLayer,)
+    cache.layers = [_BufferedLayer(capacity, cache.writes) if type(layer) in kinds else layer
+                    for layer in cache.layers]
     return cache
 
 
@@ -153,30 +196,45 @@ def tree_inputs(
     return ids.to(device), positions.to(device), mask.to(device)
 
 
-def compact_cache(cache, past: int, rows: list[int]) -> None:
+def compact_cache(cache, past: int, rows: list[int] | torch.Tensor) -> None:
     """Keep only the cache entries of the accepted path.
 
     After a tree forward the cache holds [past verified entries, root, node_0 .. node_{n-1}].
-    ``rows`` are the accepted tree rows (0 = root, i + 1 = node i) in path order; their entries
-    are moved to past, past + 1, ... and everything after them is dropped.
+    ``rows`` are the accepted tree rows (0 = root, i + 1 = node i) in path order, a list or
+    a LongTensor on the cache's device (then always moved: no host round trip to check);
+    their entries are moved to past, past + 1, ... and everything after them is dropped.
     """
     keep = past + len(rows)
+    if torch.is_tensor(rows):
+        src = rows + past
     # The root is row 0 and a path visits rows in increasing order, so rows[i] >= i; if they
     # are exactly 0..k-1 the entries are already in place.
-    moved = rows[-1] != len(rows) - 1
-    src = torch.tensor([past + r for r in rows]) if moved else None
-    if moved:
+    elif rows[-1] != len(rows) - 1:
+        src = torch.tensor([past + r for r in rows])
+    else:
+        src = None
+    if src is not None:
         for layer in cache.layers:
-            k, v = layer.keys, layer.values  # [batch, heads, seq, head_dim]
+            k, v = _storage(layer)  # [batch, heads, seq, head_dim]
             src = src.to(k.device)
             k[:, :, past:keep] = k.index_select(2, src)
             v[:, :, past:keep] = v.index_select(2, src)
     truncate_cache(cache, keep)
 
 
+def _storage(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every entry a layer holds: a buffered layer's whole buffers (a static forward wrote
+    past its views), else its keys and values."""
+    buffers = getattr(layer, "buffers", None)
+    return buffers if buffers is not None else (layer.keys, layer.values)
+
+
 def truncate_cache(cache, length: int) -> None:
     """Drop every cache entry from ``length`` on (a view: no copy)."""
     for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        if not layer.is_initialized:
+            continue
+        k, v = _storage(layer)
+        layer.keys, layer.values = k[:, :, :length], v[:, :, :length]
         if hasattr(layer, "cumulative_length"):  # sliding-window layers count what they have seen
             layer.cumulative_length = length

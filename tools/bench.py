@@ -68,7 +68,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from retrodraft.decode import generate, load_model, online_state
+from retrodraft.decode import GenerationStats, generate, load_model, online_state
 from retrodraft.decode.budget import CostModel
 from retrodraft.decode.keys import nest_drafters, sequence_hidden
 from retrodraft.decode.replay import load_traces, replay_all
@@ -132,8 +132,8 @@ def drafter_pool(online: OnlineState, datastore, vocab: int, model=None) -> list
     return [PromptLookupDrafter(), *online.drafters(), *corpus, *nest]
 
 
-# (ids, max_new_tokens) -> (new ids, steps, |predicted - measured| / measured step time per step, [] if not predicted)
-Method = Callable[[torch.Tensor, int], tuple[list[int], int, list[float]]]
+# (ids, max_new_tokens) -> (new ids, steps, our loop's GenerationStats or None)
+Method = Callable[[torch.Tensor, int], tuple[list[int], int, GenerationStats | None]]
 
 
 def methods(model, datastore, budget: int | None) -> dict[str, Method]:
@@ -144,8 +144,8 @@ def methods(model, datastore, budget: int | None) -> dict[str, Method]:
     def hf(extra: dict) -> Method:
         def run(ids, max_new_tokens):
             start = counter.calls
-            seq = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-            return seq[0, ids.shape[1]:].tolist(), counter.calls - start, []
+            seq = model.generate(ids.to(model.device), max_new_tokens=max_new_tokens, do_sample=False, **extra)
+            return seq[0, ids.shape[1]:].tolist(), counter.calls - start, None
         return run
 
     def ours(make_drafters: Callable[[], list[Drafter]] | None, calibrator: Calibrator | None) -> Method:
@@ -153,8 +153,7 @@ def methods(model, datastore, budget: int | None) -> dict[str, Method]:
             drafters = make_drafters() if make_drafters else None
             out = generate(model, ids, max_new_tokens=max_new_tokens, budget=budget, drafters=drafters,
                            calibrator=calibrator, datastore=datastore if drafters is None else None)
-            p, m = np.array(out.stats.predicted_step_seconds), np.array(out.stats.measured_step_seconds)
-            return out.sequences[0, ids.shape[1]:].tolist(), out.stats.steps, (np.abs(p - m) / m).round(4).tolist()
+            return out.sequences[0, ids.shape[1]:].tolist(), out.stats.steps, out.stats
         return run
 
     def alone(name: str) -> Method:
@@ -175,6 +174,43 @@ def methods(model, datastore, budget: int | None) -> dict[str, Method]:
         table["retrodraft:no_nest"] = ours(
             lambda: [d for d in drafter_pool(solo, datastore, vocab) if d.name != "nest"], solo.calibrator)
     return table
+
+
+def time_methods(questions: list[dict], tokenizer, table: dict[str, Method], max_new_tokens: int,
+                 warmup: int = 1) -> list[dict]:
+    """Run every method on every turn of ``questions``, interleaved in rotating order, after
+    ``warmup`` uncounted questions (16 tokens each). One record per turn: qid, group and per
+    method tokens, seconds, steps, identical (to vanilla's output), step_errors (see
+    ``step_errors``) and, for our loop, step_seconds and host_seconds (see GenerationStats)."""
+    names = list(table)
+    for q in questions[:warmup]:  # compiles kernels (and on CUDA captures graphs), uncounted
+        for method in table.values():
+            method(chat_ids(tokenizer, [{"role": "user", "content": q["turns"][0]}]), 16)
+    records = []
+    for i, q in enumerate(tqdm(questions, desc="questions")):
+        order = names[i % len(names):] + names[: i % len(names)]  # no method always runs first
+        outputs: dict[str, list[int]] = {}
+        for ids in turns(q, tokenizer, lambda ids: outputs["vanilla"]):
+            rec = {"qid": q["question_id"], "group": q["group"]}
+            for m in order:
+                t = time.perf_counter()
+                outputs[m], steps, stats = table[m](ids, max_new_tokens)
+                rec[m] = {"tokens": len(outputs[m]), "seconds": time.perf_counter() - t, "steps": steps}
+                rec[m]["step_errors"] = step_errors(stats)
+                if stats is not None:
+                    rec[m].update(step_seconds=stats.step_seconds, host_seconds=stats.host_seconds)
+            for m in names:
+                rec[m]["identical"] = outputs[m] == outputs["vanilla"]
+            records.append(rec)
+    return records
+
+
+def step_errors(stats: GenerationStats | None) -> list[float]:
+    """|predicted - measured| / measured step time per step ([] if not predicted)."""
+    if stats is None or not stats.measured_step_seconds:
+        return []
+    p, m = np.array(stats.predicted_step_seconds), np.array(stats.measured_step_seconds)
+    return (np.abs(p - m) / m).round(4).tolist()
 
 
 def summarize(records: list[dict], names: list[str]) -> dict:
@@ -295,23 +331,7 @@ def timed_run(args, questions: list[dict], model, tok, datastore) -> None:
 
     costs = CostModel.of(model)
     costs.warm()  # measured once per machine and cached (or read back and checked): out of the timings
-    for q in questions[: args.warmup]:  # compiles kernels, uncounted
-        for method in table.values():
-            method(chat_ids(tok, [{"role": "user", "content": q["turns"][0]}]), 16)
-    records = []
-    for i, q in enumerate(tqdm(questions, desc="questions")):
-        order = names[i % len(names):] + names[: i % len(names)]  # no method always runs first
-        outputs: dict[str, list[int]] = {}
-        for ids in turns(q, tok, lambda ids: outputs["vanilla"]):
-            rec = {"qid": q["question_id"], "group": q["group"]}
-            for m in order:
-                t = time.perf_counter()
-                outputs[m], steps, errors = table[m](ids, args.max_new_tokens)
-                rec[m] = {"tokens": len(outputs[m]), "seconds": time.perf_counter() - t, "steps": steps,
-                          "step_errors": errors}
-            for m in names:
-                rec[m]["identical"] = outputs[m] == outputs["vanilla"]
-            records.append(rec)
+    records = time_methods(questions, tok, table, args.max_new_tokens, args.warmup)
     result = summarize(records, names)
     print_table(result)
     calibration = print_calibration(online_state(model, datastore).calibrator)
