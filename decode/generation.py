@@ -1,4 +1,10 @@
-"""The speculative generation loop: propose -> fuse -> prune -> verify -> accept -> observe."""
+"""The speculative generation loop: propose -> verify -> accept -> observe.
+
+``generate`` is our own front door; ``decode.hf.speculative`` runs the same loop from
+``model.generate(..., custom_generate=...)``. Both hand ``decode_loop`` a Speculator (the
+model-free half: drafters, calibration, budget) and a ``Decoding`` (how tokens are chosen
+and when to stop).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,14 @@ import dataclasses
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from retrodraft.decode.acceptance import accept_greedy, accept_sampling
 from retrodraft.decode.budget import CostModel
+from retrodraft.decode.options import check_prompt, resolve
 from retrodraft.decode.tree_attention import compact_cache, new_cache, verification_kernels, tree_inputs
 from retrodraft.retrieval.calibration import Calibrator
 from retrodraft.retrieval.config import DEFAULT, SpeculationConfig
@@ -54,39 +61,6 @@ class GenerationOutput:
     spans: list[Span] = field(default_factory=list)
 
 
-def _eos_ids(model, eos_token_id) -> set[int]:
-    if eos_token_id is None:
-        eos_token_id = getattr(model.generation_config, "eos_token_id", None)
-    if eos_token_id is None:
-        return set()
-    return {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
-
-
-def _check_inputs(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
-        shape = list(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a LongTensor [1, prompt_length], got {shape}")
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"batch size {input_ids.shape[0]} is not supported yet: pass one sequence, [1, prompt_length]")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids is empty: the prompt needs at least one token")
-    total = input_ids.shape[1] + max_new_tokens
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit is not None and total > limit:
-        raise ValueError(
-            f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"context of {limit} tokens"
-        )
-    window = getattr(model.config, "sliding_window", None)
-    if window is not None and total > window:
-        raise ValueError(
-            f"prompt + max_new_tokens ({total}) exceeds the model's sliding attention window of {window} tokens: "
-            "tree verification past the window is not supported yet"
-        )
-
-
 _process_state: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> OnlineState
 
 
@@ -102,7 +76,7 @@ def online_state(model, datastore=None) -> OnlineState:
 
 
 def _default_drafters(model, references, tokenizer, datastore, config: SpeculationConfig) -> list[Drafter]:
-    """Every drafter that applies."""
+    """Every drafter that applies; ``references`` are texts (tokenized by ``tokenizer``) or ids."""
     drafters: list[Drafter] = [PromptLookupDrafter(**dataclasses.asdict(config.prompt_lookup))]
     if references:
         docs, names = [], []
@@ -119,30 +93,61 @@ def _default_drafters(model, references, tokenizer, datastore, config: Speculati
     return drafters + online_state(model).drafters()
 
 
+def speculator(model, *, drafters: Sequence[Drafter] | None = None, calibrator: Calibrator | None = None,
+               datastore=None, references=None, tokenizer=None, budget: int | None = None,
+               config: SpeculationConfig = DEFAULT) -> Speculator:
+    """The Speculator ``generate`` and ``speculative`` use (arguments as ``generate``'s).
+    Raises ValueError for an argument that the combination given would leave unused."""
+    if drafters is None:
+        if calibrator is not None:
+            raise ValueError("calibrator= applies to explicit drafters=; the default drafters learn with "
+                             "online_state(model, datastore).calibrator")
+        if tokenizer is not None and references is None:
+            raise ValueError("tokenizer= only tokenizes text references=, and none were given")
+        drafters = _default_drafters(model, references, tokenizer, datastore, config)
+        calibrator = online_state(model, datastore).calibrator
+    elif references is not None or tokenizer is not None:
+        raise ValueError("references=/tokenizer= build the default drafters' ReferenceDrafter; with explicit "
+                         "drafters=, add retrieval.drafters.ReferenceDrafter(token_ids) to them instead")
+    return Speculator(drafters, calibrator, budget=budget, config=config,
+                      cost=CostModel.of(model).table if budget is None else None)
+
+
 @torch.inference_mode()
 def generate(
     model,
     input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
+    generation_config=None,
     drafters: Sequence[Drafter] | None = None,
     calibrator: Calibrator | None = None,
     datastore=None,
     references: Sequence[str | Sequence[int]] | None = None,
     tokenizer=None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     budget: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
     streamer=None,
     seed: int | None = None,
     config: SpeculationConfig = DEFAULT,
 ) -> GenerationOutput:
     """Generate like ``model.generate``, verifying retrieved drafts with tree attention.
 
-    input_ids:  LongTensor [1, prompt_length] (batch size 1).
+    input_ids:  LongTensor [1, prompt_length] (batch size 1); ``attention_mask``, if given,
+                must be all ones (no padding), so ``generate(model, **tokenizer(text,
+                return_tensors="pt"), max_new_tokens=...)`` works.
+    max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id:
+                as in transformers; each not given comes from ``generation_config``, else
+                ``model.generation_config`` (greedy, temperature 1 if neither sets it).
+                A generation_config field we do not apply (e.g. repetition_penalty) raises
+                ValueError; ``model.generate(custom_generate=retrodraft.speculative)``
+                applies those. ``pad_token_id`` pads nothing at batch size 1.
     drafters:   None uses every drafter that applies: prompt lookup over the context, the
                 ``references``, past outputs (suffix tree) and token recycling, kept per
                 model in this process or, with a ``datastore``, in it, plus its corpus;
@@ -150,7 +155,8 @@ def generate(
     calibrator: maps explicit ``drafters``' raw scores to acceptance rates, learning as it
                 goes (None: raw scores); the default drafters use ``online_state``'s.
     datastore:  a ``retrieval.Datastore``; opened writable, it keeps what this call learned.
-    references: texts (tokenized with ``tokenizer``) or token-id sequences to copy from.
+    references: texts (tokenized with ``tokenizer``) or token-id sequences to copy from,
+                for the default drafters.
     do_sample:  False is greedy, token for token equal to ``model.generate(do_sample=False)``;
                 True samples from the target's distribution after ``temperature``, ``top_k``
                 and ``top_p`` (None: not applied), exactly, whatever the drafts.
@@ -160,40 +166,77 @@ def generate(
                 same stateless ``drafters`` (or ``drafters=[]``).
     budget:     draft tree nodes verified per step. None chooses each step's size from the
                 drafts' scores and this hardware's measured cost curve c(n) (see
-                decode.budget; measured once per model and device, a few seconds, then cached).
+                decode.budget; measured once per model and device, then cached).
     config:     the speculation knobs (``retrieval.SpeculationConfig``).
-    Stops after max_new_tokens tokens or at the first EOS (``eos_token_id`` or the model's).
+    Stops after max_new_tokens tokens or at the first EOS. An argument the call would leave
+    unused (calibrator= without drafters=, references= with them, seed= when greedy) raises
+    ValueError. Not thread-safe: see ``verification_kernels``.
     """
-    _check_inputs(model, input_ids, max_new_tokens)
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if drafters is None:
-        drafters = _default_drafters(model, references, tokenizer, datastore, config)
-        calibrator = online_state(model, datastore).calibrator
-    spec = Speculator(drafters, calibrator, budget=budget, config=config,
-                      cost=CostModel.of(model).table if budget is None else None)
+    s = resolve(model, input_ids, generation_config, dict(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id))
+    check_prompt(model, input_ids, attention_mask, s.max_new_tokens)
+    if seed is not None and not s.do_sample:
+        raise ValueError("seed= fixes sampling, and this call is greedy: pass do_sample=True or drop seed=")
+    spec = speculator(model, drafters=drafters, calibrator=calibrator, datastore=datastore, references=references,
+                      tokenizer=tokenizer, budget=budget, config=config)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) if do_sample else None
-    tokens, length, stats = _decode(model, input_ids, max_new_tokens, spec, sampling, _eos_ids(model, eos_token_id),
-                                    streamer)
-    prompt_len = input_ids.shape[1]
+    sampling = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=generator)
+    decoding = Decoding(s.max_new_tokens, sampling if s.do_sample else None, stop=_stop_at(s.eos),
+                        streamer=streamer)
+    out = decode_loop(model, input_ids, spec, decoding)
     if datastore is not None:
-        datastore.commit(tokens[prompt_len:length])
-    sequences = torch.from_numpy(tokens[:length].astype(np.int64)).view(1, -1).to(input_ids.device)
-    return GenerationOutput(sequences=sequences, stats=stats, spans=spec.spans)
+        datastore.commit(out.sequences[0, input_ids.shape[1]:].numpy().astype(np.int32))
+    return out
 
 
-def _decode(model, input_ids: torch.Tensor, max_new_tokens: int, spec: Speculator, sampling: dict | None,
-            eos: set[int], streamer) -> tuple[np.ndarray, int, GenerationStats]:
-    """The step loop: propose -> verify -> accept -> observe, until max_new_tokens or EOS.
-    Returns the token buffer (int32), its filled length and the stats."""
+@dataclass
+class Decoding:
+    """How one call chooses tokens and when it stops.
+
+    sampling:   accept_sampling's warp settings (temperature, top_k, top_p, generator);
+                None for greedy.
+    processors: transformers logits processors, (input_ids [1, L], scores [1, vocab]) ->
+                scores, applied to each verified row with that row's own prefix, before the
+                choice (warping included: with processors, ``sampling`` must not warp).
+    stop:       (context int32 [L], new) -> how many of the ``new`` last tokens to keep:
+                fewer than ``new``, or all with ``done`` True, ends the call.
+    streamer:   transformers streamer; ``put_prompt`` False when the caller already did.
+    keep_scores, keep_logits: collect each new token's processed scores / raw logits [1, vocab].
+    """
+
+    max_new_tokens: int
+    sampling: dict | None = None
+    processors: Callable | None = None
+    stop: Callable[[np.ndarray, int], tuple[int, bool]] | None = None
+    streamer: object = None
+    put_prompt: bool = True
+    keep_scores: bool = False
+    keep_logits: bool = False
+    scores: list = field(default_factory=list)
+    logits: list = field(default_factory=list)
+
+
+def _stop_at(eos: frozenset[int]) -> Callable[[np.ndarray, int], tuple[int, bool]]:
+    """The stop rule of ``generate``: at the first of the new tokens in ``eos``."""
+    def stop(context: np.ndarray, new: int) -> tuple[int, bool]:
+        for i, t in enumerate(context[context.shape[0] - new:].tolist()):
+            if t in eos:
+                return i + 1, True
+        return new, False
+    return stop
+
+
+def decode_loop(model, input_ids: torch.Tensor, spec: Speculator, d: Decoding) -> GenerationOutput:
+    """The step loop: propose -> verify -> accept -> observe, until ``d.max_new_tokens``
+    tokens or ``d.stop`` says so. Runs within ``verification_kernels(model)``."""
     stats = GenerationStats()
     prompt_len = input_ids.shape[1]
-    end = prompt_len + max_new_tokens
+    end = prompt_len + d.max_new_tokens
     tokens = np.empty(end, np.int32)  # the context, grown in place
     tokens[:prompt_len] = input_ids[0].cpu().numpy()
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
+    if d.streamer is not None and d.put_prompt:
+        d.streamer.put(input_ids.cpu())
     cache = new_cache(model, end + spec.max_nodes + 1)
     with verification_kernels(model):
         # Prefill all prompt tokens but the last; the last is the root of the first step.
@@ -204,49 +247,74 @@ def _decode(model, input_ids: torch.Tensor, max_new_tokens: int, spec: Speculato
             t0 = time.perf_counter()
             tree = spec.propose(tokens[:length], room=end - length)
             t1 = time.perf_counter()
-            path, bonus, rows, hidden = _verify(model, cache, tree, int(tokens[length - 1]), length - 1, sampling,
-                                                spec)
+            path, bonus, rows, hidden = _verify(model, cache, tree, tokens[:length], d, spec)
             t2 = time.perf_counter()
 
             new = [int(t) for t in tree.tokens[path]] + [bonus]  # <= end - length: depth < that
-            if eos & set(new):
-                new = new[: next(i for i, t in enumerate(new) if t in eos) + 1]
-                done = True
             tokens[length : length + len(new)] = new
-            length += len(new)
+            keep, done = d.stop(tokens[: length + len(new)], len(new)) if d.stop else (len(new), False)
+            del new[keep:], d.scores[length - prompt_len + keep:], d.logits[length - prompt_len + keep:]
+            length += keep
             done = done or length == end
-            spec.observe(tokens[:length], len(new), rows, hidden)
+            spec.observe(tokens[:length], keep, rows, hidden)
             stats.steps += 1
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += t2 - t1
-            if streamer is not None:
-                streamer.put(torch.tensor(new))
-    if streamer is not None:
-        streamer.end()
+            if d.streamer is not None:
+                d.streamer.put(torch.tensor(new))
+    if d.streamer is not None:
+        d.streamer.end()
     stats.new_tokens = length - prompt_len
     stats.accepted_per_drafter = dict(spec.accepted)
-    return tokens, length, stats
+    sequences = torch.from_numpy(tokens[:length].astype(np.int64)).view(1, -1).to(input_ids.device)
+    return GenerationOutput(sequences=sequences, stats=stats, spans=spec.spans)
 
 
-def _verify(model, cache, tree: DraftTree, root: int, past: int, sampling: dict | None,
+def _verify(model, cache, tree: DraftTree, context: np.ndarray, d: Decoding,
             spec: Speculator) -> tuple[list[int], int, np.ndarray | None, np.ndarray | None]:
-    """One forward of the target over [root + tree] after ``past`` cached tokens: the
-    accepted path (node indices), the bonus token and, as ``spec`` needs them, every
-    verified row's top-k (see ``_topk_rows``) and last hidden state (float [n+1, d]). The
-    cache is compacted to the accepted path. ``sampling``: accept_sampling's settings,
-    None for greedy."""
-    ids, positions, mask = tree_inputs(root, tree, past, model.device, model.dtype)
+    """One forward of the target over [root + tree], the root being the context's last token
+    (all before it cached): the accepted path (node indices), the next token and, as
+    ``spec`` needs them, every verified row's top-k (see ``_topk_rows``) and last hidden
+    state (float32 [n+1, d]). The cache is compacted to the accepted path."""
+    past = context.shape[0] - 1
+    ids, positions, mask = tree_inputs(int(context[-1]), tree, past, model.device, model.dtype)
     hidden = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache,
                               use_cache=True).last_hidden_state[0]  # [n+1, d]
     head = model.get_output_embeddings()
-    logits = head(hidden) if spec.needs_topk or sampling is None else None  # [n+1, vocab]
-    if sampling is None:
-        path, bonus = accept_greedy(tree, logits.argmax(-1).cpu().numpy())
+    logits = head(hidden) if spec.needs_topk or (d.sampling is None and d.processors is None) else None  # [n+1, V]
+    if d.processors is None and not (d.keep_scores or d.keep_logits):
+        if d.sampling is None:
+            path, bonus = accept_greedy(tree, logits.argmax(-1).cpu().numpy().__getitem__)
+        else:
+            path, bonus = accept_sampling(tree, lambda row: head(hidden[row]), **d.sampling)
     else:
-        path, bonus = accept_sampling(tree, lambda row: head(hidden[row]), **sampling)
+        path, bonus = _accept_processed(tree, context, d, lambda row: logits[row] if logits is not None
+                                        else head(hidden[row]))
     compact_cache(cache, past, [0] + [i + 1 for i in path])
     rows = _topk_rows(ids, logits, spec.config.topk) if spec.needs_topk else None
     return path, bonus, rows, hidden.float().cpu().numpy() if spec.needs_hidden else None
+
+
+def _accept_processed(tree: DraftTree, context: np.ndarray, d: Decoding,
+                      logits_at: Callable[[int], torch.Tensor]) -> tuple[list[int], int]:
+    """Acceptance on processed scores: each visited row's logits go through ``d.processors``
+    with the row's prefix (the context, then the tree path down to the row), exactly what
+    ``model.generate`` would compute after that prefix. Keeps scores/logits if asked."""
+    def scores_at(row: int) -> torch.Tensor:
+        raw = logits_at(row).float()
+        scores = raw
+        if d.processors is not None:
+            prefix = np.concatenate([context, tree.tokens[tree.path(row - 1)] if row else []]).astype(np.int64)
+            scores = d.processors(torch.from_numpy(prefix).view(1, -1).to(raw.device), raw[None].clone())[0]
+        if d.keep_scores:
+            d.scores.append(scores[None].clone())
+        if d.keep_logits:
+            d.logits.append(raw[None].clone())
+        return scores
+
+    if d.sampling is None:
+        return accept_greedy(tree, lambda row: int(scores_at(row).argmax()))
+    return accept_sampling(tree, scores_at, **d.sampling)
 
 
 def _topk_rows(ids: torch.Tensor, logits: torch.Tensor, k: int) -> np.ndarray:

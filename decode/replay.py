@@ -69,7 +69,7 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
         truth = tokens[length:]
         # The target's argmax at each tree row is the recorded token at that depth.
         argmax_rows = truth[np.concatenate(([0], np.minimum(tree.depths(), len(truth) - 1)))]
-        path, _ = accept_greedy(tree, argmax_rows)
+        path, _ = accept_greedy(tree, argmax_rows.__getitem__)
         rows = None
         if spec.needs_topk:
             # rows: the root and the accepted nodes; topk[i] is what the target ranked for output[i]

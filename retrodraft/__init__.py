@@ -17,3 +17,18 @@ from pathlib import Path as _Path
 _checkout = _Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "decode" / "__init__.py").is_file():
     __path__.append(str(_checkout))
+
+# The front doors, loaded on first use so that importing retrodraft.retrieval or .index
+# (numpy only) does not import torch and transformers.
+_LAZY = {"speculative": "retrodraft.decode", "generate": "retrodraft.decode", "load_model": "retrodraft.decode",
+         "Speculator": "retrodraft.retrieval", "SpeculationConfig": "retrodraft.retrieval",
+         "Datastore": "retrodraft.retrieval"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'retrodraft' has no attribute {name!r}")
