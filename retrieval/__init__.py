@@ -3,24 +3,24 @@
 from retrodraft.retrieval.config import LookupSettings, SpeculationConfig
 from retrodraft.retrieval.corpus import Document, EmptyCorpusError, SkipCounts, iter_documents
 from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter
-from retrodraft.retrieval.store import (
+from retrodraft.retrieval.build import BuildStats, tokenizer_fingerprint
+from retrodraft.retrieval.errors import (
     CorruptDatastoreError,
-    Datastore,
     DatastoreError,
     FormatVersionError,
     IncompleteDatastoreError,
     ReadOnlyDatastoreError,
     StaleDatastoreError,
     TokenizerMismatchError,
-    tokenizer_fingerprint,
 )
 from retrodraft.retrieval.speculator import Span, Speculator, choose_budget
+from retrodraft.retrieval.store import Datastore
 from retrodraft.retrieval.tree import DraftTree, fuse, prune
 
 __all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter", "Speculator", "SpeculationConfig",
            "LookupSettings", "Span", "choose_budget"]
 __all__ += [
     "Datastore", "DatastoreError", "CorruptDatastoreError", "FormatVersionError", "IncompleteDatastoreError",
-    "ReadOnlyDatastoreError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint",
+    "ReadOnlyDatastoreError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
     "Document", "EmptyCorpusError", "SkipCounts", "iter_documents",
 ]
