@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import weakref
@@ -19,6 +20,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
 from retrodraft.decode.model import cache_dir
 from retrodraft.decode.tree_attention import new_cache, verification_kernels, tree_inputs, truncate_cache
 from retrodraft.retrieval.config import DEFAULT
@@ -28,6 +31,8 @@ from retrodraft.retrieval.tree import DraftTree
 SIZES = DEFAULT.cost_sizes  # reasons for both in SpeculationConfig
 BUCKETS = DEFAULT.cost_contexts
 VERIFY_PATH = 3  # bumped when the verification forward changes, so cached curves are re-measured
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,10 +76,11 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def forward_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: int = 5,
-                    kernels: Callable = verification_kernels) -> list[float]:
+                    kernels: Callable = verification_kernels, progress: str | None = None) -> list[float]:
     """Seconds of a verification forward of 1 + n tokens for each n in ``sizes`` (a chain of
     n drafts, with its tree mask and cache as ``generate`` runs them, LM head included) over
-    a cache of ``context`` random tokens, within ``kernels(model)``; the median of ``reps``."""
+    a cache of ``context`` random tokens, within ``kernels(model)``; the median of ``reps``.
+    ``progress``: the label of a progress bar over ``sizes`` (None: no bar)."""
     device = model.device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -84,7 +90,7 @@ def forward_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: i
     with kernels(model):
         model.base_model(input_ids=torch.randint(0, vocab, (1, context), generator=gen).to(device),
                          cache=cache, use_cache=True)
-        for n in sizes:
+        for n in tqdm(sizes, desc=progress, disable=progress is None, leave=False):
             chain = DraftTree.build(torch.randint(0, vocab, (n,), generator=gen).numpy(), np.arange(n) - 1,
                                     np.ones(n))
             ids, positions, mask = tree_inputs(0, chain, context, device, model.dtype)
@@ -103,8 +109,9 @@ def forward_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: i
 
 
 def measure(model, context: int, reps: int = 5) -> CostCurve:
-    """c(n) at ``SIZES`` over a cache of ``context`` tokens, from ``forward_seconds``."""
-    seconds = forward_seconds(model, context, SIZES, reps)
+    """c(n) at ``SIZES`` over a cache of ``context`` tokens, from ``forward_seconds``, with a
+    progress bar."""
+    seconds = forward_seconds(model, context, SIZES, reps, progress=f"retrodraft: verification cost at {context} tokens")
     return CostCurve(SIZES, tuple(s / seconds[0] for s in seconds))
 
 
@@ -115,7 +122,9 @@ def bucket(context: int) -> int:
 
 class CostModel:
     """c(n) tables for one model, per context bucket: read from the disk cache, or measured
-    (a few seconds, once per model, device, dtype and bucket) and written there.
+    (about 30 s per bucket on a 2-core CPU, once per model, device, dtype and bucket; logged
+    and shown with a progress bar) and written there. ``warm()`` (or the command
+    ``retrodraft-measure-cost``) does it ahead of the first ``generate``.
     ``CostModel.of(model)`` shares one instance per model object."""
 
     _instances: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -138,7 +147,13 @@ class CostModel:
         if path.exists():
             data = json.loads(path.read_text())
             return CostCurve(tuple(data["sizes"]), tuple(data["costs"]))
+        log.info("measuring the cost of verifying draft trees at a %d-token context: once per model, device "
+                 "and context bucket, cached in %s (CostModel.warm() or retrodraft-measure-cost does it ahead)",
+                 b, path.parent)
+        t = time.perf_counter()
         curve = measure(self.model, b)
+        log.info("measured c(n) at %d tokens in %.1f s: %s", b, time.perf_counter() - t,
+                 ", ".join(f"c({n}) = {c:.2f}" for n, c in zip(curve.sizes, curve.costs)))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"sizes": curve.sizes, "costs": curve.costs, "context": b}))

@@ -9,6 +9,7 @@ and when to stop).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter, Referenc
 from retrodraft.retrieval.online import OnlineState
 from retrodraft.retrieval.speculator import Span, Speculator
 from retrodraft.retrieval.tree import DraftTree
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -266,6 +269,7 @@ def decode_loop(model, input_ids: torch.Tensor, spec: Speculator, d: Decoding) -
         d.streamer.end()
     stats.new_tokens = length - prompt_len
     stats.accepted_per_drafter = dict(spec.accepted)
+    log.debug("%s", stats.summary())
     sequences = torch.from_numpy(tokens[:length].astype(np.int64)).view(1, -1).to(input_ids.device)
     return GenerationOutput(sequences=sequences, stats=stats, spans=spec.spans)
 

@@ -27,8 +27,12 @@ class Drafter(Protocol):
     what you keep). ``observe`` is called after verification with the tokens accepted this
     step (including the bonus token) and, if the drafter's ``needs_topk`` is True, the
     verified tree rows as int32 [rows, 1 + k]: each row's input token, then the target's
-    top-k ids after it; otherwise None. A drafter that copies from documents also has
-    ``locate(origin) -> (document, token offset)`` for the origins it puts in its trees.
+    top-k ids after it; otherwise None. A drafter may also set ``needs_hidden = True``: its
+    ``observe`` then also gets ``hidden=``, float32 [len(accepted), d], the target's last
+    hidden state at the rows that predicted each accepted token (row j predicts
+    ``accepted[j]``), or None where a loop has none (replay). A drafter that copies from
+    documents also has ``locate(origin) -> (document, token offset)`` for the origins it
+    puts in its trees.
     """
 
     name: str
