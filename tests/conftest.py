@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,40 @@ def tiny_model(arch: str, vocab: int = TINY_VOCAB, seed: int = 0):
 
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma", "gpt2"]
+
+# Source folders of the package (tests/ is not among them).
+OUR_CODE = tuple(str(ROOT / folder) + os.sep for folder in ("index", "retrieval", "decode", "tools", "retrodraft"))
+DEPRECATIONS = (FutureWarning, DeprecationWarning)
+
+
+def called_from_our_code() -> bool:
+    """Whether a frame of the package's own code is on the current stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(OUR_CODE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.fixture(autouse=True)
+def deprecations_reached_through_our_code_fail():
+    """A FutureWarning or DeprecationWarning raised while our code is on the stack fails the
+    test, wherever it is raised. pyproject's ``error::FutureWarning:retrodraft`` filters only
+    see the module that calls ``warnings.warn``, which for a deprecated transformers argument
+    we pass is transformers' own wrapper, so they miss exactly those."""
+    with warnings.catch_warnings():
+        for category in DEPRECATIONS:  # every occurrence reaches showwarning, not the first per place
+            warnings.simplefilter("always", category)
+        show = warnings.showwarning  # pytest's recorder, within the test's warning capture
+
+        def check(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, DEPRECATIONS) and called_from_our_code():
+                raise category(f"{message} [{filename}:{lineno}, reached through retrodraft's code]")
+            show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = check
+        yield
 
 
 @pytest.fixture(scope="session", params=ARCHS)
