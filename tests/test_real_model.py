@@ -74,4 +74,18 @@ def test_sampling_with_the_same_seed_and_drafts_is_reproducible(smollm):
     a, b = (generate(model, ids, max_new_tokens=24, do_sample=True, temperature=0.8, top_p=0.9, seed=7,
                      drafters=[PromptLookupDrafter()]) for _ in range(2))
     assert torch.equal(a.sequences, b.sequences)
-    generate(model, ids, max_new_tokens=24, do_sample=True, seed=7)  # default drafters run too
+    # the default drafters sample too: a whole answer after the prompt, credited to them
+    c = generate(model, ids, max_new_tokens=24, do_sample=True, seed=7)
+    assert torch.equal(c.sequences[:, : ids.shape[1]], ids)
+    assert c.stats.new_tokens == 24 or c.sequences[0, -1] == tok.eos_token_id
+    assert set(c.stats.accepted_per_drafter) == {"prompt_lookup", "suffix", "recycling"}
+
+
+@pytest.mark.model
+def test_tokenizer_output_goes_straight_in(smollm):
+    """generate(model, **tokenizer(text, return_tensors="pt")) as with model.generate, and
+    the model's generation_config (its EOS) applies."""
+    model, tok = smollm
+    inputs = tok("The capital of France is", return_tensors="pt")
+    ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    assert torch.equal(generate(model, **inputs, max_new_tokens=16).sequences, ref)
