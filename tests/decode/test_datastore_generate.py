@@ -8,11 +8,10 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StopStringCriteria, StoppingCriteriaList
 
-from conftest import ROOT
+from conftest import NEW_TOKENS, PROMPTS, ROOT, reference
 from retrodraft import speculative
 from retrodraft.decode import generate
 from retrodraft.retrieval import Datastore, PromptLookupDrafter, iter_documents
-from test_real_model import NEW_TOKENS, PROMPTS, reference
 
 KNOWN = ["code", "list", "math"]  # their answers go into the corpus
 

@@ -17,13 +17,11 @@ from transformers import (
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from conftest import tiny_model
+from conftest import PROMPT, REPETITIVE, VOCAB, FixedDrafter, chi_square_p, tiny_model, tree_of, vanilla
 from retrodraft import speculative
 from retrodraft.decode import generate
 from retrodraft.retrieval import PromptLookupDrafter
 from retrodraft.retrieval.calibration import Calibrator
-from test_generate_tiny import REPETITIVE, FixedDrafter, vanilla
-from test_sampling import PROMPT, VOCAB, chi_square_p, tree_of
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, tiny_model
+from conftest import REPETITIVE, ROOT, tiny_model
 from retrodraft.decode import generate
-from test_generate_tiny import REPETITIVE
 
 
 def patched_layers(model) -> list[str]:

@@ -3,13 +3,12 @@
 import numpy as np
 import torch
 
-from conftest import tiny_model
+from conftest import REPETITIVE, tiny_model, vanilla
 from retrodraft.decode import generate
 from retrodraft.index import suffix_array
 from retrodraft.index.recycling import TokenRecycling
 from retrodraft.index.suffix_tree import SuffixTree
 from retrodraft.retrieval.drafters import CorpusDrafter, RecyclingDrafter, ReferenceDrafter, SuffixDrafter
-from test_generate_tiny import REPETITIVE, vanilla
 
 
 def test_suffix_drafter_continues_a_repeated_phrase_and_learns_outputs():
