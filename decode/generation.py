@@ -41,16 +41,27 @@ class GenerationStats:
     accepted_per_drafter: dict[str, int] = field(default_factory=dict)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    predicted_step_seconds: list[float] = field(default_factory=list)  # cost model's forecast, per step
+    measured_step_seconds: list[float] = field(default_factory=list)  # wall time, per step (automatic budget only)
 
     @property
     def mean_accepted(self) -> float:
         return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def prediction_error(self) -> float:
+        """Median over steps of |predicted - measured| / measured step time (nan if none)."""
+        p, m = np.array(self.predicted_step_seconds), np.array(self.measured_step_seconds)
+        return float(np.median(np.abs(p - m) / m)) if len(m) else float("nan")
 
     def summary(self) -> str:
         by = ", ".join(f"{k} {v}" for k, v in self.accepted_per_drafter.items()) or "none"
         return (
             f"{self.new_tokens} tokens in {self.steps} steps, {self.mean_accepted:.2f} tokens/step; "
             f"accepted drafts by source: {by}; drafting {self.draft_seconds:.3f}s, verifying {self.verify_seconds:.3f}s"
+            + (f"; step time predicted {sum(self.predicted_step_seconds):.3f}s, measured "
+               f"{sum(self.measured_step_seconds):.3f}s (median error {100 * self.prediction_error:.0f}%)"
+               if self.measured_step_seconds else "")
         )
 
 
@@ -112,8 +123,15 @@ def speculator(model, *, drafters: Sequence[Drafter] | None = None, calibrator: 
     elif references is not None or tokenizer is not None:
         raise ValueError("references=/tokenizer= build the default drafters' ReferenceDrafter; with explicit "
                          "drafters=, add retrieval.drafters.ReferenceDrafter(token_ids) to them instead")
+    costs = CostModel.of(model) if budget is None else None
+    drafting = drafter_set(drafters)  # host time per step is learned per drafter set
     return Speculator(drafters, calibrator, budget=budget, config=config,
-                      cost=CostModel.of(model).table if budget is None else None)
+                      cost=(lambda length: costs.step_table(length, drafting)) if costs is not None else None)
+
+
+def drafter_set(drafters: Sequence[Drafter]) -> str:
+    """The name the cost model learns a drafter set's host time under."""
+    return "+".join(d.name for d in drafters)
 
 
 @torch.inference_mode()
@@ -166,10 +184,13 @@ def generate(
     seed:       fixes the random stream of sampling. The distribution is exact whatever the
                 drafts, but which sample a seed gives depends on the drafts too, and the
                 default drafters learn between calls: for a repeatable sample pass the
-                same stateless ``drafters`` (or ``drafters=[]``).
+                same stateless ``drafters`` (or ``drafters=[]``). A seeded call does not
+                teach the cost model its step times (they would change the next call's
+                budgets, so its trees and its sample), and reports no predicted step times.
     budget:     draft tree nodes verified per step. None chooses each step's size from the
-                drafts' scores and this hardware's measured cost curve c(n) (see
-                decode.budget; measured once per model and device, then cached).
+                drafts' scores and this hardware's cost of a step, c(n) + d(n) (see
+                decode.budget: measured once per model and device, cached, then learned
+                from every step's time, so the sizes follow the machine's load).
     config:     the speculation knobs (``retrieval.SpeculationConfig``).
     Stops after max_new_tokens tokens or at the first EOS. An argument the call would leave
     unused (calibrator= without drafters=, references= with them, seed= when greedy) raises
@@ -186,7 +207,7 @@ def generate(
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     sampling = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=generator)
     decoding = Decoding(s.max_new_tokens, sampling if s.do_sample else None, stop=_stop_at(s.eos),
-                        streamer=streamer)
+                        streamer=streamer, costs=CostModel.of(model) if budget is None and seed is None else None)
     out = decode_loop(model, input_ids, spec, decoding)
     if datastore is not None:
         datastore.commit(out.sequences[0, input_ids.shape[1]:].numpy().astype(np.int32))
@@ -206,6 +227,7 @@ class Decoding:
                 fewer than ``new``, or all with ``done`` True, ends the call.
     streamer:   transformers streamer; ``put_prompt`` False when the caller already did.
     keep_scores, keep_logits: collect each new token's processed scores / raw logits [1, vocab].
+    costs:      the automatic budget's CostModel, to learn each step's time (None: not taught).
     """
 
     max_new_tokens: int
@@ -216,6 +238,7 @@ class Decoding:
     put_prompt: bool = True
     keep_scores: bool = False
     keep_logits: bool = False
+    costs: CostModel | None = None
     scores: list = field(default_factory=list)
     logits: list = field(default_factory=list)
 
@@ -263,15 +286,29 @@ def decode_loop(model, input_ids: torch.Tensor, spec: Speculator, d: Decoding) -
             stats.steps += 1
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += t2 - t1
+            if d.costs is not None:
+                _time_step(d.costs, stats, length - keep, len(tree), drafter_set(spec.drafters), t0, t1, t2)
             if d.streamer is not None:
                 d.streamer.put(torch.tensor(new))
     if d.streamer is not None:
         d.streamer.end()
+    if d.costs is not None:
+        d.costs.save()
     stats.new_tokens = length - prompt_len
     stats.accepted_per_drafter = dict(spec.accepted)
     log.debug("%s", stats.summary())
     sequences = torch.from_numpy(tokens[:length].astype(np.int64)).view(1, -1).to(input_ids.device)
     return GenerationOutput(sequences=sequences, stats=stats, spans=spec.spans)
+
+
+def _time_step(costs: CostModel, stats: GenerationStats, context: int, nodes: int, drafting: str,
+               t0: float, t1: float, t2: float) -> None:
+    """Record the step's predicted and measured time, then teach ``costs`` what it took: the
+    verification (t1 to t2) and the host time around it (the rest, up to now)."""
+    total = time.perf_counter() - t0
+    stats.predicted_step_seconds.append(costs.predict_seconds(context, nodes, drafting))
+    stats.measured_step_seconds.append(total)
+    costs.observe(context, nodes, t2 - t1, host_seconds=total - (t2 - t1), drafting=drafting)
 
 
 def _verify(model, cache, tree: DraftTree, context: np.ndarray, d: Decoding,

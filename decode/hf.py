@@ -26,6 +26,7 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from retrodraft.decode.budget import CostModel
 from retrodraft.decode.generation import Decoding, GenerationStats, decode_loop, speculator
 from retrodraft.decode.options import check_prompt
 from retrodraft.retrieval.calibration import Calibrator
@@ -97,6 +98,7 @@ def speculative(
         spec = speculator(model, drafters=drafters, calibrator=calibrator, datastore=datastore,
                           references=references, budget=budget, config=speculation_config)
         d = Decoding(max_new_tokens, processors=logits_processor or None, streamer=streamer, put_prompt=False,
+                     costs=CostModel.of(model) if budget is None else None,
                      keep_scores=bool(generation_config.return_dict_in_generate and generation_config.output_scores),
                      keep_logits=bool(generation_config.return_dict_in_generate and generation_config.output_logits))
         # The processors warp (temperature, top-k, top-p are among them when sampling), so the

@@ -34,6 +34,7 @@ from retrodraft.retrieval.errors import (
     TokenizerMismatchError,
 )
 from retrodraft.retrieval.layout import BUILD, DBS, FORMAT_VERSION, MAP_SIZE, REBUILD, key
+from retrodraft.retrieval.manifest import is_sharded
 from retrodraft.retrieval.online import OnlineState
 
 ONLINE_STATE = "online"  # what generation learns: outputs, lengths, recycling, calibration_*
@@ -74,12 +75,18 @@ class Datastore:
     def open(cls, path: str | os.PathLike, readonly: bool = True, tokenizer=None) -> Datastore:
         """Open the datastore at ``path``, checking it before anything is read from it.
 
-        Verifies the format version (FormatVersionError), that the build completed
+        A directory with a manifest opens as a ``shards.ShardedDatastore`` (every shard
+        opened and checked, learned state in one place). Verifies the format version
+        (FormatVersionError), that the build completed
         (IncompleteDatastoreError), each Arrow file's size and CRC32 (CorruptDatastoreError)
         and, if ``tokenizer`` is given, its fingerprint (TokenizerMismatchError naming
         both). Raises FileNotFoundError if there is nothing at ``path``. With
         ``readonly=False`` the state can be written (``save_state``, ``append``).
         """
+        if cls is Datastore and is_sharded(Path(path)):
+            from retrodraft.retrieval.shards import ShardedDatastore
+
+            return ShardedDatastore.open(path, readonly, tokenizer)
         ds = cls.__new__(cls)
         ds._attach(Path(path).absolute(), readonly)
         ds.stats = None
@@ -272,11 +279,15 @@ class Datastore:
     def drafters(self, vocab_size: int) -> list[Drafter]:
         """Fresh per-call drafters: the corpus (REST over the suffix array), past outputs
         and token recycling."""
-        def locate(position: int) -> tuple[str, int]:
-            loc = self.locate(position)
-            return (loc.path if loc.record == 0 else f"{loc.path}#{loc.record}"), loc.offset
+        return [self._corpus_drafter(), *self.online(vocab_size).drafters()]
 
-        return [CorpusDrafter(self.tokens, self.suffix_array, locate), *self.online(vocab_size).drafters()]
+    def _corpus_drafter(self) -> Drafter:
+        return CorpusDrafter(self.tokens, self.suffix_array, self._source)
+
+    def _source(self, position: int) -> tuple[str, int]:
+        """(document name, offset) of a stream position, as drafters' ``locate`` reports it."""
+        loc = self.locate(position)
+        return (loc.path if loc.record == 0 else f"{loc.path}#{loc.record}"), loc.offset
 
     def commit(self, output: np.ndarray) -> None:
         """Persist one call's output, the recycling matrix and the score calibration, in one
