@@ -27,12 +27,13 @@ def children_table(tree: DraftTree) -> dict[int, list[int]]:
     return table
 
 
-def accept_greedy(tree: DraftTree, argmax_rows: np.ndarray) -> tuple[list[int], int]:
+def accept_greedy(tree: DraftTree, argmax_at: Callable[[int], int]) -> tuple[list[int], int]:
     """Longest path whose every token equals the target's argmax at its parent.
 
-    argmax_rows: int [n + 1], the target's argmax at every tree row. Among siblings with
-    the same token the first wins, as in ``accept_sampling`` (where a rejected token cannot
-    come back), so the accepted path is the one the emitted tokens spell.
+    argmax_at(row): the target's argmax at tree row ``row`` (e.g. ``argmax_rows.__getitem__``
+    over an int [n + 1] array), called once per level visited. Among siblings with the same
+    token the first wins, as in ``accept_sampling`` (where a rejected token cannot come
+    back), so the accepted path is the one the emitted tokens spell.
     """
     by_token: dict[tuple[int, int], int] = {}
     for i, key in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist())):
@@ -40,7 +41,7 @@ def accept_greedy(tree: DraftTree, argmax_rows: np.ndarray) -> tuple[list[int], 
     path: list[int] = []
     node = -1
     while True:
-        t = int(argmax_rows[node + 1])
+        t = int(argmax_at(node + 1))
         child = by_token.get((node, t))
         if child is None:
             return path, t

@@ -209,8 +209,10 @@ def _check_step(context, nodes, seconds, what: str = "seconds") -> None:
 
 class CostModel:
     """The cost of a generation step for one model, per context bucket: the measured curve
-    (read from the disk cache, or measured and written there), corrected by every step
-    ``observe`` is told of. ``CostModel.of(model)`` shares one instance per model object.
+    (read from the disk cache, or measured and written there: logged, with a progress bar;
+    ``warm()`` or the command ``retrodraft-measure-cost`` does it ahead of the first
+    ``generate``), corrected by every step ``observe`` is told of. ``CostModel.of(model)``
+    shares one instance per model object.
 
     Units: c(n) and d(n) are relative to the current time of a 0-node forward; seconds are
     absolute predictions at the machine's current speed.

@@ -1,4 +1,10 @@
-"""The speculative generation loop: propose -> fuse -> prune -> verify -> accept -> observe."""
+"""The speculative generation loop: propose -> verify -> accept -> observe.
+
+``generate`` is our own front door; ``decode.hf.speculative`` runs the same loop from
+``model.generate(..., custom_generate=...)``. Both hand ``decode_loop`` a Speculator (the
+model-free half: drafters, calibration, budget) and a ``Decoding`` (how tokens are chosen
+and when to stop).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,15 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from retrodraft.decode.acceptance import accept_greedy, accept_sampling
 from retrodraft.decode.budget import CostModel
 from retrodraft.decode.keys import nest_drafters
+from retrodraft.decode.options import check_prompt, resolve
 from retrodraft.decode.tree_attention import verification_kernels
 from retrodraft.decode.verifier import TreeVerifier
 from retrodraft.retrieval.calibration import Calibrator
@@ -24,6 +32,7 @@ from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter, Referenc
 from retrodraft.retrieval.errors import StaleDatastoreError
 from retrodraft.retrieval.online import OnlineState
 from retrodraft.retrieval.speculator import Span, Speculator
+from retrodraft.retrieval.tree import DraftTree
 
 MAX_BUDGET = 1024  # nodes per step a caller may ask for: the cache and mask grow with it
 
@@ -82,14 +91,6 @@ class GenerationOutput:
     spans: list[Span] = field(default_factory=list)
 
 
-def _eos_ids(model, eos_token_id) -> set[int]:
-    if eos_token_id is None:
-        eos_token_id = getattr(model.generation_config, "eos_token_id", None)
-    if eos_token_id is None:
-        return set()
-    return {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
-
-
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
@@ -98,50 +99,18 @@ def _vocab_size(model) -> int:
     return model.get_input_embeddings().num_embeddings
 
 
-def _check_inputs(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
-    if not _is_int(max_new_tokens) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
-        shape = list(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a LongTensor [1, prompt_length], got {shape}")
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"batch size {input_ids.shape[0]} is not supported yet: pass one sequence, [1, prompt_length]")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids is empty: the prompt needs at least one token")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
-    vocab = _vocab_size(model)
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab:
-        raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocabulary), got values in "
-                         f"[{low}, {high}]")
-    total = input_ids.shape[1] + max_new_tokens
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit is not None and total > limit:
-        raise ValueError(
-            f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"context of {limit} tokens"
-        )
-    window = getattr(model.config, "sliding_window", None)
-    if window is not None and total > window:
-        raise ValueError(
-            f"prompt + max_new_tokens ({total}) exceeds the model's sliding attention window of {window} tokens: "
-            "tree verification past the window is not supported yet"
-        )
-
-
 def _check_settings(budget, do_sample, temperature, top_k, top_p, seed) -> None:
     """ValueError, stating the valid range, for a setting ``generate`` cannot use."""
     if budget is not None and (not _is_int(budget) or not 0 <= budget <= MAX_BUDGET):
         raise ValueError(f"budget must be None (automatic) or an int in [0, {MAX_BUDGET}] (0: no drafts), "
                          f"got {budget!r}")
-    if not isinstance(do_sample, (bool, np.bool_)):
+    if do_sample is not None and not isinstance(do_sample, (bool, np.bool_)):
         raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
     if seed is not None and not _is_int(seed):
         raise ValueError(f"seed must be None or an int, got {seed!r}")
-    if not do_sample:
+    if do_sample is False:
         return
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
+    if temperature is not None and isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
             or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be > 0 and finite when sampling, got {temperature!r}")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
@@ -173,7 +142,7 @@ def online_state(model, datastore=None) -> OnlineState:
 
 
 def _default_drafters(model, references, tokenizer, datastore, config: SpeculationConfig) -> list[Drafter]:
-    """Every drafter that applies."""
+    """Every drafter that applies; ``references`` are texts (tokenized by ``tokenizer``) or ids."""
     drafters: list[Drafter] = [PromptLookupDrafter(**dataclasses.asdict(config.prompt_lookup))]
     if references:
         docs, names = [], []
@@ -192,23 +161,53 @@ def _default_drafters(model, references, tokenizer, datastore, config: Speculati
     return drafters + online_state(model).drafters()
 
 
+def speculator(model, *, drafters: Sequence[Drafter] | None = None, calibrator: Calibrator | None = None,
+               datastore=None, references=None, tokenizer=None, budget: int | None = None,
+               config: SpeculationConfig = DEFAULT) -> Speculator:
+    """The Speculator ``generate`` and ``speculative`` use (arguments as ``generate``'s).
+    Raises ValueError for an argument that the combination given would leave unused."""
+    if drafters is None:
+        if calibrator is not None:
+            raise ValueError("calibrator= applies to explicit drafters=; the default drafters learn with "
+                             "online_state(model, datastore).calibrator")
+        if tokenizer is not None and references is None:
+            raise ValueError("tokenizer= only tokenizes text references=, and none were given")
+        drafters = _default_drafters(model, references, tokenizer, datastore, config)
+        calibrator = online_state(model, datastore).calibrator
+    elif references is not None or tokenizer is not None:
+        raise ValueError("references=/tokenizer= build the default drafters' ReferenceDrafter; with explicit "
+                         "drafters=, add retrieval.drafters.ReferenceDrafter(token_ids) to them instead")
+    costs = CostModel.of(model) if budget is None else None
+    drafting = drafter_set(drafters)  # host time per step is learned per drafter set
+    return Speculator(drafters, calibrator, budget=budget, config=config,
+                      cost=(lambda length: costs.step_table(length, drafting)) if costs is not None else None)
+
+
+def drafter_set(drafters: Sequence[Drafter]) -> str:
+    """The name the cost model learns a drafter set's host time under."""
+    return "+".join(d.name for d in drafters)
+
+
 @torch.inference_mode()
 def generate(
     model,
     input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
+    generation_config=None,
     drafters: Sequence[Drafter] | None = None,
     calibrator: Calibrator | None = None,
     datastore=None,
     references: Sequence[str | Sequence[int]] | None = None,
     tokenizer=None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     budget: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
     streamer=None,
     seed: int | None = None,
     config: SpeculationConfig = DEFAULT,
@@ -216,7 +215,15 @@ def generate(
 ) -> GenerationOutput:
     """Generate like ``model.generate``, verifying retrieved drafts with tree attention.
 
-    input_ids:  LongTensor [1, prompt_length] (batch size 1).
+    input_ids:  LongTensor [1, prompt_length] (batch size 1); ``attention_mask``, if given,
+                must be all ones (no padding), so ``generate(model, **tokenizer(text,
+                return_tensors="pt"), max_new_tokens=...)`` works.
+    max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id:
+                as in transformers; each not given comes from ``generation_config``, else
+                ``model.generation_config`` (greedy, temperature 1 if neither sets it).
+                A generation_config field we do not apply (e.g. repetition_penalty) raises
+                ValueError; ``model.generate(custom_generate=retrodraft.speculative)``
+                applies those. ``pad_token_id`` pads nothing at batch size 1.
     drafters:   None uses every drafter that applies: prompt lookup over the context, the
                 ``references``, past outputs (suffix tree) and token recycling, kept per
                 model in this process or, with a ``datastore``, in it, plus its corpus;
@@ -228,7 +235,8 @@ def generate(
                 and the output is returned all the same). Checked against the model: its
                 token ids must fit the vocabulary and, with ``tokenizer``, its fingerprint
                 match (ValueError / TokenizerMismatchError).
-    references: texts (tokenized with ``tokenizer``) or token-id sequences to copy from.
+    references: texts (tokenized with ``tokenizer``) or token-id sequences to copy from,
+                for the default drafters.
     do_sample:  False is greedy, token for token equal to ``model.generate(do_sample=False)``;
                 True samples from the target's distribution after ``temperature``, ``top_k``
                 and ``top_p`` (None: not applied), exactly, whatever the drafts.
@@ -247,48 +255,88 @@ def generate(
                 sizes (``config.cost_sizes``) and each size's verification forward is
                 replayed from a CUDA graph (captured on first use, kept per model). True on
                 a CPU runs the same padded static shapes without capture. See decode.verifier.
-    Stops after max_new_tokens tokens or at the first EOS (``eos_token_id`` or the model's).
+    Stops after max_new_tokens tokens or at the first EOS. An argument the call would leave
+    unused (calibrator= without drafters=, references= with them, seed= when greedy) raises
+    ValueError. Not thread-safe: see ``verification_kernels``.
     """
-    _check_inputs(model, input_ids, max_new_tokens)
     _check_settings(budget, do_sample, temperature, top_k, top_p, seed)
-    if drafters is None:
-        drafters = _default_drafters(model, references, tokenizer, datastore, config)
-        calibrator = online_state(model, datastore).calibrator
-    costs = CostModel.of(model) if budget is None else None
-    drafting = "+".join(d.name for d in drafters)  # host time per step is learned per drafter set
-    spec = Speculator(drafters, calibrator, budget=budget, config=config,
-                      cost=(lambda length: costs.step_table(length, drafting)) if costs is not None else None)
+    s = resolve(model, input_ids, generation_config, dict(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id))
+    check_prompt(model, input_ids, attention_mask, s.max_new_tokens)
+    if seed is not None and not s.do_sample:
+        raise ValueError("seed= fixes sampling, and this call is greedy: pass do_sample=True or drop seed=")
+    spec = speculator(model, drafters=drafters, calibrator=calibrator, datastore=datastore, references=references,
+                      tokenizer=tokenizer, budget=budget, config=config)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) if do_sample else None
-    tokens, length, stats = _decode(model, input_ids, max_new_tokens, spec, sampling, _eos_ids(model, eos_token_id),
-                                    streamer, costs if seed is None else None, drafting, cuda_graphs)
-    prompt_len = input_ids.shape[1]
+    sampling = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=generator)
+    decoding = Decoding(s.max_new_tokens, sampling if s.do_sample else None, stop=_stop_at(s.eos),
+                        streamer=streamer, costs=CostModel.of(model) if budget is None and seed is None else None,
+                        cuda_graphs=cuda_graphs)
+    out = decode_loop(model, input_ids, spec, decoding)
     if datastore is not None:
         try:
-            datastore.commit(tokens[prompt_len:length])
+            datastore.commit(out.sequences[0, input_ids.shape[1]:].numpy().astype(np.int32))
         except StaleDatastoreError as e:
             # The output is the caller's whatever happens to the datastore; what was learned
             # stays in this process's copy of the state.
             log.warning("not saved: %s", e)
             warnings.warn(f"what this call learned was not saved: {e}", RuntimeWarning, stacklevel=2)
-    sequences = torch.from_numpy(tokens[:length].astype(np.int64)).view(1, -1).to(input_ids.device)
-    return GenerationOutput(sequences=sequences, stats=stats, spans=spec.spans)
+    return out
 
 
-def _decode(model, input_ids: torch.Tensor, max_new_tokens: int, spec: Speculator, sampling: dict | None,
-            eos: set[int], streamer, costs: CostModel | None = None, drafting: str = "",
-            cuda_graphs: bool | None = None) -> tuple[np.ndarray, int, GenerationStats]:
-    """The step loop: propose -> verify -> accept -> observe, until max_new_tokens or EOS.
-    ``costs`` (the automatic budget's) learns each step's time, keyed by ``drafting``.
-    Returns the token buffer (int32), its filled length and the stats."""
+@dataclass
+class Decoding:
+    """How one call chooses tokens and when it stops.
+
+    sampling:   accept_sampling's warp settings (temperature, top_k, top_p, generator);
+                None for greedy.
+    processors: transformers logits processors, (input_ids [1, L], scores [1, vocab]) ->
+                scores, applied to each verified row with that row's own prefix, before the
+                choice (warping included: with processors, ``sampling`` must not warp).
+    stop:       (context int32 [L], new) -> how many of the ``new`` last tokens to keep:
+                fewer than ``new``, or all with ``done`` True, ends the call.
+    streamer:   transformers streamer; ``put_prompt`` False when the caller already did.
+    keep_scores, keep_logits: collect each new token's processed scores / raw logits [1, vocab].
+    costs:      the automatic budget's CostModel, to learn each step's time (None: not taught).
+    cuda_graphs: see ``generate``.
+    """
+
+    max_new_tokens: int
+    sampling: dict | None = None
+    processors: Callable | None = None
+    stop: Callable[[np.ndarray, int], tuple[int, bool]] | None = None
+    streamer: object = None
+    put_prompt: bool = True
+    keep_scores: bool = False
+    keep_logits: bool = False
+    costs: CostModel | None = None
+    cuda_graphs: bool | None = None
+    scores: list = field(default_factory=list)
+    logits: list = field(default_factory=list)
+
+
+def _stop_at(eos: frozenset[int]) -> Callable[[np.ndarray, int], tuple[int, bool]]:
+    """The stop rule of ``generate``: at the first of the new tokens in ``eos``."""
+    def stop(context: np.ndarray, new: int) -> tuple[int, bool]:
+        for i, t in enumerate(context[context.shape[0] - new:].tolist()):
+            if t in eos:
+                return i + 1, True
+        return new, False
+    return stop
+
+
+def decode_loop(model, input_ids: torch.Tensor, spec: Speculator, d: Decoding) -> GenerationOutput:
+    """The step loop: propose -> verify -> accept -> observe, until ``d.max_new_tokens``
+    tokens or ``d.stop`` says so. Runs within ``verification_kernels(model)``."""
     stats = GenerationStats()
     prompt_len = input_ids.shape[1]
-    end = prompt_len + max_new_tokens
+    end = prompt_len + d.max_new_tokens
     tokens = np.empty(end, np.int32)  # the context, grown in place
     tokens[:prompt_len] = input_ids[0].cpu().numpy()
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    verifier = TreeVerifier.of(model, end + spec.max_nodes + 1, spec.max_nodes, cuda_graphs,
+    if d.streamer is not None and d.put_prompt:
+        d.streamer.put(input_ids.cpu())
+    verifier = TreeVerifier.of(model, end + spec.max_nodes + 1, spec.max_nodes, d.cuda_graphs,
                                spec.config.cost_sizes, spec.config.topk)
     with verification_kernels(model):
         verifier.prefill(input_ids)
@@ -297,34 +345,34 @@ def _decode(model, input_ids: torch.Tensor, max_new_tokens: int, spec: Speculato
             t0 = time.perf_counter()
             tree = spec.propose(tokens[:length], room=end - length)
             t1 = time.perf_counter()
-            path, bonus, rows, hidden = verifier.verify(tree, int(tokens[length - 1]), length - 1, sampling,
-                                                        spec.needs_topk, spec.needs_hidden)
+            path, bonus, rows, hidden = _verify(verifier, tree, tokens[:length], d, spec)
             t2 = time.perf_counter()
 
             new = [int(t) for t in tree.tokens[path]] + [bonus]  # <= end - length: depth < that
-            if eos & set(new):
-                new = new[: next(i for i, t in enumerate(new) if t in eos) + 1]
-                done = True
             tokens[length : length + len(new)] = new
-            length += len(new)
+            keep, done = d.stop(tokens[: length + len(new)], len(new)) if d.stop else (len(new), False)
+            del new[keep:], d.scores[length - prompt_len + keep:], d.logits[length - prompt_len + keep:]
+            length += keep
             done = done or length == end
-            spec.observe(tokens[:length], len(new), rows, hidden)
+            spec.observe(tokens[:length], keep, rows, hidden)
             stats.steps += 1
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += t2 - t1
             stats.step_seconds += time.perf_counter() - t0
-            if costs is not None:
-                _time_step(costs, stats, length - len(new), len(tree), drafting, t0, t1, t2)
-            if streamer is not None:
-                streamer.put(torch.tensor(new))
+            if d.costs is not None:
+                _time_step(d.costs, stats, length - keep, len(tree), drafter_set(spec.drafters), t0, t1, t2)
+            if d.streamer is not None:
+                d.streamer.put(torch.tensor(new))
     stats.wait_seconds = verifier.wait_seconds
-    if streamer is not None:
-        streamer.end()
-    if costs is not None:
-        costs.save()
+    if d.streamer is not None:
+        d.streamer.end()
+    if d.costs is not None:
+        d.costs.save()
     stats.new_tokens = length - prompt_len
     stats.accepted_per_drafter = dict(spec.accepted)
-    return tokens, length, stats
+    log.debug("%s", stats.summary())
+    sequences = torch.from_numpy(tokens[:length].astype(np.int64)).view(1, -1).to(input_ids.device)
+    return GenerationOutput(sequences=sequences, stats=stats, spans=spec.spans)
 
 
 def _time_step(costs: CostModel, stats: GenerationStats, context: int, nodes: int, drafting: str,
@@ -336,3 +384,40 @@ def _time_step(costs: CostModel, stats: GenerationStats, context: int, nodes: in
     stats.measured_step_seconds.append(total)
     costs.observe(context, nodes, t2 - t1, host_seconds=total - (t2 - t1), drafting=drafting)
 
+
+
+def _verify(verifier: TreeVerifier, tree: DraftTree, context: np.ndarray, d: Decoding,
+            spec: Speculator) -> tuple[list[int], int, np.ndarray | None, np.ndarray | None]:
+    """One forward of the target over [root + tree], the root being the context's last token
+    (all before it cached): the accepted path (node indices), the next token and, as
+    ``spec`` needs them, every verified row's top-k and last hidden state (float32 [n+1, d]).
+    The cache is compacted to the accepted path. With logits processors (or scores kept),
+    acceptance runs on the processed scores of each visited row."""
+    accept = None
+    if d.processors is not None or d.keep_scores or d.keep_logits:
+        def accept(tree: DraftTree, logits_at: Callable[[int], torch.Tensor]) -> tuple[list[int], int]:
+            return _accept_processed(tree, context, d, logits_at)
+    return verifier.verify(tree, int(context[-1]), context.shape[0] - 1, d.sampling, spec.needs_topk,
+                           spec.needs_hidden, accept=accept)
+
+
+def _accept_processed(tree: DraftTree, context: np.ndarray, d: Decoding,
+                      logits_at: Callable[[int], torch.Tensor]) -> tuple[list[int], int]:
+    """Acceptance on processed scores: each visited row's logits go through ``d.processors``
+    with the row's prefix (the context, then the tree path down to the row), exactly what
+    ``model.generate`` would compute after that prefix. Keeps scores/logits if asked."""
+    def scores_at(row: int) -> torch.Tensor:
+        raw = logits_at(row).float()
+        scores = raw
+        if d.processors is not None:
+            prefix = np.concatenate([context, tree.tokens[tree.path(row - 1)] if row else []]).astype(np.int64)
+            scores = d.processors(torch.from_numpy(prefix).view(1, -1).to(raw.device), raw[None].clone())[0]
+        if d.keep_scores:
+            d.scores.append(scores[None].clone())
+        if d.keep_logits:
+            d.logits.append(raw[None].clone())
+        return scores
+
+    if d.sampling is None:
+        return accept_greedy(tree, lambda row: int(scores_at(row).argmax()))
+    return accept_sampling(tree, scores_at, **d.sampling)

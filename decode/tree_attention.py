@@ -97,7 +97,13 @@ def packed_attention(model) -> Iterator[None]:
 @contextlib.contextmanager
 def verification_kernels(model) -> Iterator[None]:
     """Within the block, the model attends with ``packed_sdpa`` and, in float32 on a CPU,
-    multiplies a few rows by its weights with ``decode.skinny``'s kernel."""
+    multiplies a few rows by its weights with ``decode.skinny``'s kernel.
+
+    Both are patches of the model object (its config's attention implementation, its linear
+    layers' ``forward``), undone when the block exits, also on an exception. Not
+    thread-safe: while a ``generate`` call runs, another thread using the same model object
+    runs through the patched layers too, and an inner block leaves the restoring to the
+    outermost one. Use one model object per thread."""
     with packed_attention(model), skinny_linears(model):
         yield
 

@@ -32,6 +32,8 @@ import logging
 import time
 import weakref
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -143,33 +145,38 @@ class TreeVerifier:
             self.model.base_model(input_ids=input_ids[:, :-1].to(self.device), cache=self.cache, use_cache=True)
 
     def verify(self, tree: DraftTree, root: int, past: int, sampling: dict | None, want_topk: bool,
-               want_hidden: bool = False) -> tuple[list[int], int, np.ndarray | None, np.ndarray | None]:
+               want_hidden: bool = False, accept: Callable | None = None
+               ) -> tuple[list[int], int, np.ndarray | None, np.ndarray | None]:
         """One forward of the target over [root + tree] after ``past`` cached tokens: the
         accepted path (node indices), the bonus token, if ``want_topk`` int32
         [n + 1, 1 + topk]: each verified row's input token, then the target's top-k after it,
         and if ``want_hidden`` every row's last hidden state, float32 [n + 1, d] (a second
         copy back). The cache is compacted to the accepted path. ``sampling``:
-        accept_sampling's settings, None for greedy (decided on the device)."""
+        accept_sampling's settings, None for greedy (decided on the device). ``accept``:
+        (tree, logits_at) -> (path, bonus), an acceptance of its own over the rows' logits
+        (``logits_at(row)`` float [vocab] on the host), replacing greedy and sampling."""
         n = len(tree)
         if n + 1 > self.max_rows:
             raise ValueError(f"a tree of {n} nodes exceeds this verifier's max_nodes ({self.max_rows - 1})")
         r = self.rows(n)
         self._stage(tree, root, past, r)
         mask = self._write_mask(past, r) if self.static or n else None
-        heads = sampling is None or want_topk or self.static
+        greedy = sampling is None and accept is None  # decided on the device
+        heads = greedy or want_topk or self.static
         hidden, logits, best, order, packed = self._run(r, mask, heads, want_topk)
-        if sampling is None or want_topk:
+        if greedy or want_topk:
             t = time.perf_counter()
             answer = packed.cpu()  # the one wait for the device
             self.wait_seconds += time.perf_counter() - t
-        if sampling is None:
+        if greedy:
             last = int(answer[0]) - 1
             path, bonus = (tree.path(last).tolist() if last >= 0 else []), int(answer[1])
         else:
             head = self.model.get_output_embeddings()
             logits_at = (lambda row: logits[row].float().cpu()) if logits is not None else (
                 lambda row: head(hidden[row]).float().cpu())
-            path, bonus = accept_sampling(tree, logits_at, **sampling)
+            path, bonus = accept(tree, logits_at) if accept is not None else accept_sampling(tree, logits_at,
+                                                                                             **sampling)
             order = path_first(self._anc_d[: r * r].view(r, r), path[-1] + 1 if path else 0, self._index[:r])
         keep = len(path) + 1
         if path and path[-1] != len(path) - 1:  # else the accepted rows are in place already

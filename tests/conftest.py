@@ -1,19 +1,28 @@
-"""Shared fixtures: tiny random-weight models of several architectures, and the real default model."""
+"""Everything tests share, in one module: tiny random-weight models of several architectures,
+the real default model, prompts and reference outputs, hand-made drafts, sampling statistics,
+and the deprecation check."""
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import json.encoder
 import os
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import chisquare
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared beside the checkout, or $RETRODRAFT_SHARED (a worktree elsewhere reaches it so)
 SHARED = Path(os.environ.get("RETRODRAFT_SHARED") or ROOT.parent / "shared")
 sys.path.insert(0, str(ROOT))
+
+from retrodraft.retrieval.tree import DraftTree  # noqa: E402  (after the checkout is on the path)
 
 TINY_VOCAB = 64
 
@@ -39,6 +48,40 @@ def tiny_model(arch: str, vocab: int = TINY_VOCAB, seed: int = 0):
 
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma", "gpt2"]
+
+# Source folders of the package (tests/ is not among them).
+OUR_CODE = tuple(str(ROOT / folder) + os.sep for folder in ("index", "retrieval", "decode", "tools", "retrodraft"))
+DEPRECATIONS = (FutureWarning, DeprecationWarning)
+
+
+def called_from_our_code() -> bool:
+    """Whether a frame of the package's own code is on the current stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(OUR_CODE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.fixture(autouse=True)
+def deprecations_reached_through_our_code_fail():
+    """A FutureWarning or DeprecationWarning raised while our code is on the stack fails the
+    test, wherever it is raised. pyproject's ``error::FutureWarning:retrodraft`` filters only
+    see the module that calls ``warnings.warn``, which for a deprecated transformers argument
+    we pass is transformers' own wrapper, so they miss exactly those."""
+    with warnings.catch_warnings():
+        for category in DEPRECATIONS:  # every occurrence reaches showwarning, not the first per place
+            warnings.simplefilter("always", category)
+        show = warnings.showwarning  # pytest's recorder, within the test's warning capture
+
+        def check(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, DEPRECATIONS) and called_from_our_code():
+                raise category(f"{message} [{filename}:{lineno}, reached through retrodraft's code]")
+            show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = check
+        yield
 
 
 @pytest.fixture(scope="session", params=ARCHS)
@@ -69,3 +112,87 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is not present beside the checkout")
     return SHARED
+
+
+# --- tiny models: a repetitive prompt, a fixed drafter, the reference loop ---------------------
+
+REPETITIVE = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3, 7, 9, 1, 2]])
+
+
+class FixedDrafter:
+    """Proposes the same hand-made tree at every step (truncated to the budget)."""
+
+    name = "fixed"
+    needs_topk = False
+
+    def __init__(self, tree: DraftTree):
+        self.tree = tree
+
+    def propose(self, context, budget):
+        from retrodraft.retrieval.tree import prune
+
+        return prune(self.tree, budget)
+
+    def observe(self, context, accepted, topk):
+        pass
+
+
+def vanilla(model, ids, n):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+# --- sampling: a small vocabulary, two-level trees, chi-square against the exact law ------------
+
+VOCAB = 6
+PROMPT = torch.tensor([[1, 4, 2, 5, 3]])
+
+
+def tree_of(first: list[int], second: list[int]) -> DraftTree:
+    """Root children ``first``; under the first of them, children ``second``."""
+    tokens = first + second
+    parents = [-1] * len(first) + [0] * len(second)
+    return DraftTree.build(tokens, parents, np.linspace(1.0, 0.5, len(tokens)))
+
+
+def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
+    """p-value of counts against probs, cells with < 5 expected pooled; fails on impossible samples."""
+    expected = probs.ravel() * counts.sum()
+    observed = counts.ravel()
+    assert observed[expected == 0].sum() == 0, "sampled a token the warped distribution excludes"
+    big = expected >= 5
+    obs, exp = observed[big], expected[big]
+    if expected[~big].sum() > 0:
+        obs, exp = np.append(obs, observed[~big].sum()), np.append(exp, expected[~big].sum())
+    return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+# --- the real model: ten varied prompts and model.generate's greedy answers ---------------------
+
+CODE = inspect.getsource(json.encoder)
+
+PROMPTS = {
+    "short": "Hi!",
+    "eos_early": "Answer with a single word: what is the capital of France?",
+    "repetition": "Count from 1 to 40, separated by commas.",
+    "repeat_text": "Repeat this sentence three times: the cat sat on the mat and looked at the hat.",
+    "code": "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+    "summary": "Summarize in two sentences: The Industrial Revolution began in Britain in the late 18th century. "
+               "It transformed economies from agrarian to industrial, introduced factories and steam power, "
+               "and led to rapid urbanization. Working conditions were often harsh, which led to labor reforms.",
+    "math": "If a train travels 60 miles per hour for 3 hours, how far does it go? Explain step by step.",
+    "list": "List five fruits and one fact about each.",
+    "rewrite": "Rewrite this more formally: hey guys, the meeting got moved to 3pm tomorrow, don't be late ok?",
+    "long": "Here is a Python module:\n\n" + CODE[:6000] + "\n\nExplain what the function encode_basestring does.",
+}
+
+
+NEW_TOKENS = 80
+_references: dict[str, torch.Tensor] = {}
+
+
+def reference(model, tok, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt ids, model.generate's greedy sequence) for PROMPTS[name], computed once."""
+    ids = chat_ids(tok, PROMPTS[name])
+    if name not in _references:
+        _references[name] = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return ids, _references[name]

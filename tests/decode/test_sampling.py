@@ -3,17 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from conftest import tiny_model
+from conftest import PROMPT, VOCAB, FixedDrafter, chi_square_p, tiny_model, tree_of
 from retrodraft.decode import generate
 from retrodraft.decode.acceptance import accept_sampling
-from retrodraft.retrieval.tree import DraftTree
-from test_generate_tiny import FixedDrafter
 
-VOCAB = 6
-PROMPT = torch.tensor([[1, 4, 2, 5, 3]])
 RUNS = 1200
 
 
@@ -32,25 +27,6 @@ def joint_first_two(model, **warp):
         ids = torch.cat([PROMPT, torch.tensor([[a]])], dim=1)
         joint[a] = p1[a] * warped_probs(model, ids, **warp)
     return joint
-
-
-def tree_of(first: list[int], second: list[int]) -> DraftTree:
-    """Root children ``first``; under the first of them, children ``second``."""
-    tokens = first + second
-    parents = [-1] * len(first) + [0] * len(second)
-    return DraftTree.build(tokens, parents, np.linspace(1.0, 0.5, len(tokens)))
-
-
-def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
-    """p-value of counts against probs, cells with < 5 expected pooled; fails on impossible samples."""
-    expected = probs.ravel() * counts.sum()
-    observed = counts.ravel()
-    assert observed[expected == 0].sum() == 0, "sampled a token the warped distribution excludes"
-    big = expected >= 5
-    obs, exp = observed[big], expected[big]
-    if expected[~big].sum() > 0:
-        obs, exp = np.append(obs, observed[~big].sum()), np.append(exp, expected[~big].sum())
-    return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
 WARPS = [

@@ -7,35 +7,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import tiny_model
+from conftest import REPETITIVE, FixedDrafter, tiny_model, vanilla
 from retrodraft.decode import generate
 from retrodraft.decode import tree_attention
 from retrodraft.decode.tree_attention import compact_cache, new_cache, packed_attention, tree_inputs
 from retrodraft.retrieval.tree import DraftTree
-
-REPETITIVE = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3, 7, 9, 1, 2]])
-
-
-class FixedDrafter:
-    """Proposes the same hand-made tree at every step (truncated to the budget)."""
-
-    name = "fixed"
-    needs_topk = False
-
-    def __init__(self, tree: DraftTree):
-        self.tree = tree
-
-    def propose(self, context, budget):
-        from retrodraft.retrieval.tree import prune
-
-        return prune(self.tree, budget)
-
-    def observe(self, context, accepted, topk):
-        pass
-
-
-def vanilla(model, ids, n):
-    return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
 
 
 @pytest.mark.parametrize("budget", [None, 1, 4, 32])

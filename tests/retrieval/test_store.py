@@ -12,6 +12,7 @@ import lmdb
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from retrodraft.index import suffix_array
 from retrodraft.retrieval import (
     CorruptDatastoreError,
@@ -26,7 +27,6 @@ from retrodraft.retrieval import (
     tokenizer_fingerprint,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 
 DOCS_A = [
     Document("/src/a.py", 0, "def add(a, b):\n    return a + b\n"),

@@ -1,9 +1,12 @@
+import logging
+
 import numpy as np
 import torch
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import tiny_model
+from retrodraft.decode import budget
 from retrodraft.decode.budget import SIZES, CostCurve, CostModel, bucket, choose_budget
 
 
@@ -50,16 +53,19 @@ def test_buckets_are_nearest_on_a_log_scale():
     assert bucket(10) == 256 and bucket(600) == 1024 and bucket(100_000) == 4096
 
 
-def test_measured_curve_is_cached_on_disk(tmp_path, monkeypatch):
+def test_measured_curve_is_cached_on_disk_and_announced(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("RETRODRAFT_CACHE", str(tmp_path))
     monkeypatch.setattr("retrodraft.decode.budget.ROUNDS", 3)
     monkeypatch.setattr("retrodraft.decode.budget.RETRIES", 0)
     model = tiny_model("llama")
-    table = CostModel(model).table(100)
+    with caplog.at_level(logging.INFO, logger="retrodraft"):
+        table = CostModel(model).table(100)
     assert table.shape == (65,) and table[0] == pytest.approx(1.0) and np.all(table > 0)
+    assert any("measuring the cost of verification" in r.getMessage() for r in caplog.records)
     files = list((tmp_path / "cost").glob("*.json"))
     assert len(files) == 1
-    # a second model object of the same config reads the file instead of measuring
+    # a second model object of the same config reads the file: measuring again would fail here
+    monkeypatch.setattr(budget, "measure", lambda *a, **k: pytest.fail("measured again instead of reading the cache"))
     np.testing.assert_array_equal(CostModel(model).table(100), table)
 
 

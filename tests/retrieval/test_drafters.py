@@ -3,13 +3,12 @@
 import numpy as np
 import torch
 
-from conftest import tiny_model
+from conftest import REPETITIVE, tiny_model, vanilla
 from retrodraft.decode import generate
 from retrodraft.index import suffix_array
 from retrodraft.index.recycling import TokenRecycling
 from retrodraft.index.suffix_tree import SuffixTree
 from retrodraft.retrieval.drafters import CorpusDrafter, RecyclingDrafter, ReferenceDrafter, SuffixDrafter
-from test_generate_tiny import REPETITIVE, vanilla
 
 
 def test_suffix_drafter_continues_a_repeated_phrase_and_learns_outputs():
@@ -41,7 +40,11 @@ def test_recycling_drafter_follows_the_latest_topk_rows():
     rows = np.array([[3, 4, 5], [4, 6, 7]], np.int32)  # after 3: 4 then 5; after 4: 6 then 7
     d.observe(np.array([3], np.int32), np.array([4], np.int32), rows)
     tree = d.propose(np.array([1, 3], np.int32), budget=3)
-    assert tree.tokens.tolist()[:2] == [4, 6] or tree.tokens[0] == 4
+    # after 3 comes its top-1, 4; then 4's top-1, 6, and 3's second choice, 5 (both scored
+    # top1_rate * rank_decay = 0.25), which the budget of 3 keeps
+    edges = {(int(tree.tokens[p]) if p >= 0 else None, int(t)) for t, p in zip(tree.tokens, tree.parents)}
+    assert edges == {(None, 4), (4, 6), (None, 5)}
+    assert tree.scores.tolist() == [0.5, 0.25, 0.25]
     assert len(d.propose(np.array([9], np.int32), budget=3)) == 0
 
 

@@ -6,11 +6,12 @@ import textwrap
 
 import pytest
 import torch
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StopStringCriteria, StoppingCriteriaList
 
-from conftest import ROOT
+from conftest import NEW_TOKENS, PROMPTS, ROOT, reference
+from retrodraft import speculative
 from retrodraft.decode import generate
 from retrodraft.retrieval import Datastore, PromptLookupDrafter, iter_documents
-from test_real_model import NEW_TOKENS, PROMPTS, reference
 
 KNOWN = ["code", "list", "math"]  # their answers go into the corpus
 
@@ -81,3 +82,24 @@ def test_online_state_written_by_one_process_is_there_after_restart(smollm, stor
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout.split()
     assert int(out[0]) == int(saved["lengths"].sum())
     assert int(out[1]) == int((saved["recycling"] >= 0).sum())
+
+
+@pytest.mark.model
+def test_model_generate_with_custom_generate_equals_plain_model_generate(smollm, store):
+    """The front door for transformers users, on all 10 prompts, greedy, with a logits
+    processor and a stopping criterion: output identical to plain model.generate."""
+    model, tok = smollm
+    stopped_early = 0
+    for name, text in PROMPTS.items():
+        inputs = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)  # input_ids, attention_mask
+        args = dict(max_new_tokens=32, do_sample=False,
+                    logits_processor=LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3)]),
+                    stopping_criteria=StoppingCriteriaList([StopStringCriteria(tok, ["\n\n"])]))
+        ref = model.generate(**inputs, **args)
+        out = model.generate(**inputs, **args, custom_generate=speculative, datastore=store,
+                             return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref), (name, tok.decode(out.sequences[0, inputs["input_ids"].shape[1]:]))
+        assert out.stats.new_tokens == ref.shape[1] - inputs["input_ids"].shape[1]
+        stopped_early += ref.shape[1] < inputs["input_ids"].shape[1] + 32
+    assert stopped_early >= 2  # the stop string and EOS did end some answers

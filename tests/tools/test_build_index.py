@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from retrodraft.retrieval import Datastore, Document
 
-ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "build_index.py"
 
 

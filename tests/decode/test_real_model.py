@@ -1,43 +1,13 @@
 """The real default model (SmolLM2-135M-Instruct): greedy output equals model.generate."""
 
-import inspect
-import json.encoder
+import json
 
 import pytest
 import torch
 
-from conftest import chat_ids
+from conftest import CODE, NEW_TOKENS, PROMPTS, chat_ids, reference
 from retrodraft.decode import generate
 from retrodraft.retrieval import PromptLookupDrafter
-
-CODE = inspect.getsource(json.encoder)
-
-PROMPTS = {
-    "short": "Hi!",
-    "eos_early": "Answer with a single word: what is the capital of France?",
-    "repetition": "Count from 1 to 40, separated by commas.",
-    "repeat_text": "Repeat this sentence three times: the cat sat on the mat and looked at the hat.",
-    "code": "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
-    "summary": "Summarize in two sentences: The Industrial Revolution began in Britain in the late 18th century. "
-               "It transformed economies from agrarian to industrial, introduced factories and steam power, "
-               "and led to rapid urbanization. Working conditions were often harsh, which led to labor reforms.",
-    "math": "If a train travels 60 miles per hour for 3 hours, how far does it go? Explain step by step.",
-    "list": "List five fruits and one fact about each.",
-    "rewrite": "Rewrite this more formally: hey guys, the meeting got moved to 3pm tomorrow, don't be late ok?",
-    "long": "Here is a Python module:\n\n" + CODE[:6000] + "\n\nExplain what the function encode_basestring does.",
-}
-
-
-NEW_TOKENS = 80
-_references: dict[str, torch.Tensor] = {}
-
-
-def reference(model, tok, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt ids, model.generate's greedy sequence) for PROMPTS[name], computed once."""
-    ids = chat_ids(tok, PROMPTS[name])
-    if name not in _references:
-        _references[name] = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-    return ids, _references[name]
 
 
 @pytest.mark.model
@@ -74,7 +44,21 @@ def test_sampling_with_the_same_seed_and_drafts_is_reproducible(smollm):
     a, b = (generate(model, ids, max_new_tokens=24, do_sample=True, temperature=0.8, top_p=0.9, seed=7,
                      drafters=[PromptLookupDrafter()]) for _ in range(2))
     assert torch.equal(a.sequences, b.sequences)
-    generate(model, ids, max_new_tokens=24, do_sample=True, seed=7)  # default drafters run too
+    # the default drafters sample too: a whole answer after the prompt, credited to them
+    c = generate(model, ids, max_new_tokens=24, do_sample=True, seed=7)
+    assert torch.equal(c.sequences[:, : ids.shape[1]], ids)
+    assert c.stats.new_tokens == 24 or c.sequences[0, -1] == tok.eos_token_id
+    assert set(c.stats.accepted_per_drafter) == {"prompt_lookup", "suffix", "recycling"}
+
+
+@pytest.mark.model
+def test_tokenizer_output_goes_straight_in(smollm):
+    """generate(model, **tokenizer(text, return_tensors="pt")) as with model.generate, and
+    the model's generation_config (its EOS) applies."""
+    model, tok = smollm
+    inputs = tok("The capital of France is", return_tensors="pt")
+    ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    assert torch.equal(generate(model, **inputs, max_new_tokens=16).sequences, ref)
 
 
 @pytest.mark.model
