@@ -12,6 +12,8 @@ from retrodraft.retrieval.errors import (
     StaleDatastoreError,
     TokenizerMismatchError,
 )
+from retrodraft.retrieval.learned import ScopeError
+from retrodraft.retrieval.online import LearnedMemory
 from retrodraft.retrieval.store import Datastore
 from retrodraft.retrieval.tree import DraftTree, fuse, prune
 
@@ -19,5 +21,5 @@ __all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter"]
 __all__ += [
     "Datastore", "DatastoreError", "CorruptDatastoreError", "FormatVersionError", "IncompleteDatastoreError",
     "ReadOnlyDatastoreError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
-    "Document", "EmptyCorpusError", "SkipCounts", "iter_documents",
+    "Document", "EmptyCorpusError", "SkipCounts", "iter_documents", "ScopeError", "LearnedMemory",
 ]

@@ -33,10 +33,9 @@ from retrodraft.retrieval.errors import (
     StaleDatastoreError,
     TokenizerMismatchError,
 )
+from retrodraft.retrieval import learned
 from retrodraft.retrieval.layout import BUILD, DBS, FORMAT_VERSION, MAP_SIZE, REBUILD, key
-from retrodraft.retrieval.online import OnlineState
-
-ONLINE_STATE = "online"  # what generation learns: outputs, lengths, recycling, calibration_*
+from retrodraft.retrieval.online import LearnedMemory, OnlineState
 
 
 class Location(NamedTuple):
@@ -71,8 +70,14 @@ class Datastore:
     stats: BuildStats | None
 
     @classmethod
-    def open(cls, path: str | os.PathLike, readonly: bool = True, tokenizer=None) -> Datastore:
+    def open(cls, path: str | os.PathLike, readonly: bool = True, tokenizer=None, *,
+             scope: str = learned.DEFAULT_SCOPE, memory: LearnedMemory | int | None = None) -> Datastore:
         """Open the datastore at ``path``, checking it before anything is read from it.
+
+        ``scope`` names whose learned state (past outputs, recycling, calibration) this
+        object drafts from and commits to, over the shared corpus: outputs learned in one
+        scope are never drafted in another. ``memory``: bytes the past outputs may take in
+        this process (``retrieval.online.LearnedMemory``; an int is a total, None the default).
 
         Verifies the format version (FormatVersionError), that the build completed
         (IncompleteDatastoreError), each Arrow file's size and CRC32 (CorruptDatastoreError)
@@ -81,6 +86,7 @@ class Datastore:
         ``readonly=False`` the state can be written (``save_state``, ``append``).
         """
         ds = cls.__new__(cls)
+        ds.scope, ds.memory = learned.check_scope(scope), LearnedMemory.of(memory)
         ds._attach(Path(path).absolute(), readonly)
         ds.stats = None
         if tokenizer is not None:
@@ -252,52 +258,71 @@ class Datastore:
     # ---- drafting ----------------------------------------------------------------------------
 
     def online(self, vocab_size: int) -> OnlineState:
-        """What generation learned with this datastore (past outputs, recycling matrix),
-        loaded on first use and shared by every call in this process."""
-        if self._online is None:
-            saved = self.load_state(ONLINE_STATE) or {}
-            outputs = []
-            if "outputs" in saved:
-                bounds = np.concatenate(([0], np.cumsum(saved["lengths"])))
-                outputs = [saved["outputs"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-            rows = saved.get("recycling")
-            calibration = {k[len("calibration_"):]: v for k, v in saved.items() if k.startswith("calibration_")}
-            if rows is not None and rows.shape[0] != vocab_size:
-                raise ValueError(f"the datastore's recycling matrix has {rows.shape[0]} rows, the model's "
-                                 f"vocabulary {vocab_size}: was it built for another model?")
-            self._online = OnlineState(vocab_size, outputs=outputs, recycling_rows=rows, calibration=calibration)
-            self._outputs = outputs
-        return self._online
+        """What generation learned in this datastore's scope (past outputs, recycling matrix,
+        calibration), loaded on first use and shared by every call in this process."""
+        if self._learned is None:
+            self._learned = learned.ScopeState(self._live_env(), self._dbs[b"state"], self.scope, vocab_size,
+                                               self.memory, not self.readonly)
+        elif self._learned.vocab_size != vocab_size:
+            raise ValueError(f"this datastore's learned state is loaded for a vocabulary of "
+                             f"{self._learned.vocab_size} tokens, not {vocab_size}: one model per open datastore")
+        return self._learned.online
 
     def drafters(self, vocab_size: int) -> list[Drafter]:
-        """Fresh per-call drafters: the corpus (REST over the suffix array), past outputs
-        and token recycling."""
+        """Fresh per-call drafters: the corpus (REST over the suffix array) and the scope's
+        learned ones (past outputs, n-grams of them, token recycling), after bringing in
+        what other processes committed to the scope since the last call."""
         def locate(position: int) -> tuple[str, int]:
             loc = self.locate(position)
             return (loc.path if loc.record == 0 else f"{loc.path}#{loc.record}"), loc.offset
 
-        return [CorpusDrafter(self.tokens, self.suffix_array, locate), *self.online(vocab_size).drafters()]
+        state = self.online(vocab_size)
+        self._learned.refresh()
+        return [CorpusDrafter(self.tokens, self.suffix_array, locate), *state.drafters()]
 
     def commit(self, output: np.ndarray) -> None:
-        """Persist one call's output, the recycling matrix and the score calibration, in one
-        write transaction.
-
-        Keeps the newest outputs within the suffix tree's token budget. Does nothing on a
-        read-only datastore (what was learned then lives only in this process).
-        """
-        if self.readonly or self._online is None:
+        """Merge what this process learned since its last commit into the scope: ``output``
+        (one call's new tokens) appended to the log, the recycling rows it touched, its
+        calibration counts added; one write transaction whose cost grows with that, not with
+        the stored state (see ``retrieval.learned``). Does nothing on a read-only datastore
+        (what was learned then lives only in this process). StaleDatastoreError if the
+        datastore at the path was replaced since this object opened it."""
+        if self.readonly or self._learned is None:
             return
-        self._outputs.append(np.asarray(output, np.int32).copy())
-        budget = self._online.output_tree.max_tokens
-        while sum(len(o) for o in self._outputs) > budget:
-            self._outputs.pop(0)
-        lengths = np.array([len(o) for o in self._outputs], np.int64)
-        self.save_state(ONLINE_STATE, {
-            "outputs": np.concatenate(self._outputs) if self._outputs else np.empty(0, np.int32),
-            "lengths": lengths,
-            "recycling": self._online.recycling.state()["rows"],
-            **{f"calibration_{k}": v for k, v in self._online.calibrator.state().items()},
-        })
+        self._writable("commit to")
+        self._learned.commit(output, check=self._check_current)
+
+    def scopes(self) -> list[str]:
+        """Names of the scopes that hold learned state, sorted."""
+        with self._live_env().begin() as txn:
+            return learned.scopes(txn, self._dbs[b"state"])
+
+    def scope_sizes(self, scope: str | None = None) -> dict[str, tuple[int, int]]:
+        """(records, bytes) stored per kind of record of ``scope`` (default: this object's)."""
+        with self._live_env().begin() as txn:
+            return learned.scope_sizes(txn, self._dbs[b"state"], scope or self.scope)
+
+    def export_scope(self, path: str | os.PathLike, scope: str | None = None) -> dict[str, int]:
+        """Write a scope's learned state (default: this object's) to ``path`` (.npz); see
+        ``retrieval.learned.export``. ScopeError if the scope holds nothing."""
+        return learned.export(self._live_env(), self._dbs[b"state"], scope or self.scope, path)
+
+    def forget(self, scope: str | None = None) -> int:
+        """Delete a scope's learned state (default: this object's) in one transaction;
+        returns the records deleted. Needs readonly=False; ScopeError if it holds nothing.
+        This object's loaded state is dropped if it was that scope."""
+        env = self._writable("forget a scope of")
+        scope = scope or self.scope
+        n = learned.forget(env, self._dbs[b"state"], scope)
+        if scope == self.scope:
+            self._learned = None
+        return n
+
+    def compact(self, scope: str | None = None) -> dict[str, int]:
+        """Fold a scope's output log into its n-gram snapshot and drop the entries older than
+        the suffix window (``retrieval.learned.compact``). Needs readonly=False."""
+        env = self._writable("compact")
+        return learned.compact(env, self._dbs[b"state"], scope or self.scope, self.memory)
 
     # ---- lifetime --------------------------------------------------------------------------
 
@@ -316,12 +341,12 @@ class Datastore:
 
     def __repr__(self) -> str:
         state = "closed" if self._env is None else "read-only" if self.readonly else "writable"
-        return f"Datastore({str(self.path)!r}, {self.num_documents} documents, {self.num_tokens} tokens, {state})"
+        return (f"Datastore({str(self.path)!r}, {self.num_documents} documents, {self.num_tokens} tokens, "
+                f"scope {self.scope!r}, {state})")
 
     def _attach(self, path: Path, readonly: bool) -> None:
         self.path, self.readonly = path, readonly
-        self._online: OnlineState | None = None
-        self._outputs: list[np.ndarray] = []
+        self._learned: learned.ScopeState | None = None
         self._env, self._arrays = None, None
         if not path.is_dir():
             raise FileNotFoundError(f"no datastore at {path}: build one with: {BUILD.format(path)}")
