@@ -15,7 +15,9 @@ Keys, each under ``learned NUL SCOPE NUL`` (SCOPE: 1-64 of [A-Za-z0-9._-], first
   "out" seq       one commit (seq 8-byte big-endian, so log order is key order): int64 LE
                   [n, r], then its output int32 [n] and the recycling rows it touched int32 [r]
   "rec" token     int32 [k]: the target's latest top-k after ``token`` (8-byte big-endian key)
-  "cal" name      float64 [3, VERDICTS, DEPTHS, BUCKETS]: calibration seen, hits, raw of a source
+  "cal" name NUL verdict depth   float64 LE [3, BUCKETS]: calibration seen, hits and raw
+                  of a source at one verdict and depth (one byte each), so a commit writes only
+                  the cells its call observed
   "ngram" name    an ``NgramTable.state()`` array (.npy) over every output up to "folded"
   "folded"        int64 LE: the last seq counted in the "ngram" snapshot (0: none)
 
@@ -115,6 +117,26 @@ def _items(txn, prefix: bytes, db, reverse: bool = False):
         ok = cur.prev()
 
 
+def _read_calibration(txn, p: bytes, db) -> dict[str, np.ndarray]:
+    """float64 [3, VERDICTS, DEPTHS, BUCKETS] per source, as stored under prefix ``p``."""
+    out: dict[str, np.ndarray] = {}
+    for k_, v in _items(txn, p + b"cal", db):
+        cell = out.setdefault(k_[:-3].decode(), np.zeros(_CAL_SHAPE))
+        cell[:, k_[-2], k_[-1]] = np.frombuffer(v, "<f8").reshape(3, BUCKETS)
+    return out
+
+
+def _add_calibration(txn, p: bytes, db, by_source: dict[str, np.ndarray]) -> None:
+    """Add ``by_source`` (as ``_read_calibration`` returns) to the stored counts, writing only
+    the (verdict, depth) rows where it is not zero."""
+    for name, d in by_source.items():
+        for v, depth in np.argwhere(d.any(axis=(0, 3))).tolist():
+            k_ = p + b"cal" + name.encode() + b"\0" + bytes([v, depth])
+            old = txn.get(k_, db=db)
+            row = d[:, v, depth] + (0 if old is None else np.frombuffer(old, "<f8").reshape(3, BUCKETS))
+            txn.put(k_, row.astype("<f8").tobytes(), db=db)
+
+
 def _calibration_by_source(c: Calibrator) -> dict[str, np.ndarray]:
     return {n: np.stack([c.seen[i], c.hits[i], c.raw[i]]) for i, n in enumerate(c.names)}
 
@@ -163,7 +185,7 @@ def read_scope(txn, db, scope: str, window_tokens: int, k: int) -> Stored:
     for k_, v in _items(txn, p + b"rec", db):
         toks.append(int.from_bytes(k_, "big"))
         rows.append(np.frombuffer(v, "<i4"))
-    cal = {name.decode(): _from_npy(v) for name, v in _items(txn, p + b"cal", db)}
+    cal = _read_calibration(txn, p, db)
     return Stored(_int(txn.get(p + b"seq", db=db)), _int(txn.get(p + b"epoch", db=db)), window[::-1], snap,
                   unfolded[::-1], (np.array(toks, np.int64), np.array(rows, np.int32).reshape(-1, k)), cal)
 
@@ -218,8 +240,7 @@ def _migrate(txn, db) -> None:
             txn.put(p + b"rec" + key(t), rows[t].astype("<i4").tobytes(), db=db)
     cal = {k[len("calibration_"):]: v for k, v in old.items() if k.startswith("calibration_")}
     if cal:
-        for name, cell in _calibration_by_source(Calibrator.from_state(cal)).items():
-            txn.put(p + b"cal" + name.encode(), _npy(cell), db=db)
+        _add_calibration(txn, p, db, _calibration_by_source(Calibrator.from_state(cal)))
     for k_, _ in list(_items(txn, LEGACY, db)):
         txn.delete(LEGACY + k_, db=db)
     txn.delete(LEGACY, db=db)
@@ -313,7 +334,7 @@ class ScopeState:
                 ok = cur.next()
             rows_at = np.unique(np.concatenate(touched)) if touched else np.empty(0, np.int64)
             rows = [txn.get(self.p + b"rec" + key(int(t)), db=self.db) for t in rows_at.tolist()]
-            cal = {n.decode(): _from_npy(v) for n, v in _items(txn, self.p + b"cal", self.db)}
+            cal = _read_calibration(txn, self.p, self.db)
         for out in new:
             self.online.add_output(out)
         have = [i for i, r in enumerate(rows) if r is not None]
@@ -349,10 +370,7 @@ class ScopeState:
             txn.put(self.p + b"out" + key(seq), _entry(output, touched), db=self.db)
             for t, row in zip(touched.tolist(), rows):
                 txn.put(self.p + b"rec" + key(t), row.astype("<i4").tobytes(), db=self.db)
-            for name, d in delta.items():
-                k_ = self.p + b"cal" + name.encode()
-                old = txn.get(k_, db=self.db)
-                txn.put(k_, _npy(d if old is None else _from_npy(old) + d), db=self.db)
+            _add_calibration(txn, self.p, self.db, delta)
         self._base = now
         self._own.add(seq)
         if seq == self.seq + 1:

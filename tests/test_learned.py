@@ -21,8 +21,11 @@ from retrodraft.retrieval import Datastore, Document, LearnedMemory, PromptLooku
 from retrodraft.retrieval import learned
 from retrodraft.retrieval.online import OnlineState
 
-# 4 processes x CALLS generate calls; the issue's figure is 25 (RETRODRAFT_FULL=1), CI runs fewer.
-CALLS = 25 if os.environ.get("RETRODRAFT_FULL") else 6
+# 4 processes x CALLS generate calls each. The issue's run is 25 calls and both variants
+# (RETRODRAFT_FULL=1, ~5 min on the loaded 2-core VM); CI runs the SIGKILL variant, whose three
+# surviving writers also show that nothing is lost, with 6 calls each.
+FULL = bool(os.environ.get("RETRODRAFT_FULL"))
+CALLS = 25 if FULL else 6
 
 
 def word_tokenizer():
@@ -71,7 +74,8 @@ with Datastore.open(path, readonly=False) as ds:
 """
 
 
-@pytest.mark.parametrize("kill", [False, True], ids=["all finish", "one killed"])
+@pytest.mark.parametrize("kill", [pytest.param(False, marks=pytest.mark.skipif(not FULL, reason="RETRODRAFT_FULL=1")),
+                                  True], ids=["all finish", "one killed"])
 def test_concurrent_writers_lose_nothing(store, kill):
     code = WORKER.format(tests=str(ROOT / "tests"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
