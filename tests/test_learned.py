@@ -244,3 +244,30 @@ def test_memory_stays_bounded_and_ngrams_outlive_the_window():
     drafter = next(d for d in state.drafters() if d.name == "ngram")
     tree = drafter.propose(np.array([5, 7001, 7002], np.int32), 8)
     assert tree.tokens[:4].tolist() == [7003, 7004, 7005, 7006]  # from calls that left the window
+
+
+def test_datastore_cli(store, tmp_path, capsys):
+    from retrodraft.tools.datastore import main
+
+    with Datastore.open(store, readonly=False, scope="team-a") as ds:
+        generate(tiny_model("llama"), torch.tensor([[1, 2, 3]]), max_new_tokens=8, budget=4, datastore=ds)
+    main(["info", str(store)])
+    out = capsys.readouterr().out
+    assert "format version" in out and "tiny-words" in out and "6 documents" in out and "team-a: out 1 records" in out
+    main(["scopes", str(store)])
+    assert capsys.readouterr().out.split() == ["team-a"]
+    main(["export", str(store), "--scope", "team-a", "--out", str(tmp_path / "a.npz")])
+    assert np.load(tmp_path / "a.npz")["output_lengths"].tolist() == [8]
+    main(["compact", str(store), "--all"])
+    assert "1 log entries folded" in capsys.readouterr().out
+    for argv, message in [(["info", str(tmp_path / "none")], "no datastore at"),
+                          (["forget", str(store), "--scope", "team-b"], "no learned state in scope 'team-b'; scopes: team-a"),
+                          (["export", str(store), "--scope", "a/b", "--out", str(tmp_path / "x.npz")], "scope name"),
+                          (["compact", str(store), "--memory", "10"], "at least")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert message in str(e.value)
+    main(["forget", str(store), "--scope", "team-a"])
+    main(["scopes", str(store)])
+    assert "forgot scope 'team-a'" in capsys.readouterr().out
+    assert not (tmp_path / "x.npz").exists()
