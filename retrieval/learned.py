@@ -382,6 +382,22 @@ class ScopeState:
 # ---- whole-scope operations ------------------------------------------------------------------
 
 
+def append_outputs(env: lmdb.Environment, db, scope: str, outputs) -> int:
+    """Append many outputs (1-D int32 arrays) to ``scope``'s log in one write transaction, as
+    if each had been committed by a call that touched no recycling row and learned no
+    calibration (for imports and benchmarks); returns the last sequence number."""
+    p = _prefix(scope)
+    with env.begin(write=True, db=db) as txn:
+        txn.put(p, b"", db=db)
+        seq = _int(txn.get(p + b"seq", db=db))
+        none = np.empty(0, np.int64)
+        for out in outputs:
+            seq += 1
+            txn.put(p + b"out" + key(seq), _entry(np.asarray(out, np.int32), none), db=db)
+        txn.put(p + b"seq", _i8(seq), db=db)
+    return seq
+
+
 def forget(env: lmdb.Environment, db, scope: str) -> int:
     """Delete every record of ``scope`` in one transaction; returns how many (ScopeError if none)."""
     p = _prefix(scope)
