@@ -30,9 +30,13 @@ def children_table(tree: DraftTree) -> dict[int, list[int]]:
 def accept_greedy(tree: DraftTree, argmax_rows: np.ndarray) -> tuple[list[int], int]:
     """Longest path whose every token equals the target's argmax at its parent.
 
-    argmax_rows: int [n + 1], the target's argmax at every tree row.
+    argmax_rows: int [n + 1], the target's argmax at every tree row. Among siblings with
+    the same token the first wins, as in ``accept_sampling`` (where a rejected token cannot
+    come back), so the accepted path is the one the emitted tokens spell.
     """
-    by_token = {(p, t): i for i, (p, t) in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist()))}
+    by_token: dict[tuple[int, int], int] = {}
+    for i, key in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist())):
+        by_token.setdefault(key, i)
     path: list[int] = []
     node = -1
     while True:

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from retrodraft.decode.model import cache_dir
 from retrodraft.decode.tree_attention import new_cache, verification_kernels, tree_inputs, truncate_cache
+from retrodraft.retrieval.config import DEFAULT
+from retrodraft.retrieval.speculator import choose_budget  # noqa: F401  (numpy only, so it lives with the Speculator)
 from retrodraft.retrieval.tree import DraftTree
 
-SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-BUCKETS = (256, 1024, 4096)
+SIZES = DEFAULT.cost_sizes  # reasons for both in SpeculationConfig
+BUCKETS = DEFAULT.cost_contexts
 VERIFY_PATH = 3  # bumped when the verification forward changes, so cached curves are re-measured
 
 
@@ -38,24 +40,6 @@ class CostCurve:
     def table(self) -> np.ndarray:
         """float64 [max_nodes + 1]: c(n) for n = 0 .. max(sizes)."""
         return np.interp(np.arange(self.sizes[-1] + 1), self.sizes, self.costs)
-
-
-def choose_budget(scores: np.ndarray, curve: np.ndarray) -> int:
-    """Number of nodes to verify: argmax over n of (1 + sum of the n best scores) / c(n).
-
-    scores: path scores of the candidate tree (any order); curve: c(n) for n = 0.. (see
-    CostCurve.table). A tree of n nodes can always be padded with further candidates, so the
-    cost of n is the cheapest c(m) over m >= n; when a larger m is that cheap, the best m
-    candidates are sent rather than n, since they come at no extra cost.
-    """
-    n_max = min(len(scores), len(curve) - 1)
-    if n_max == 0:
-        return 0
-    gain = 1.0 + np.concatenate(([0.0], np.cumsum(np.sort(scores)[::-1][:n_max])))
-    cheapest_from = np.minimum.accumulate(curve[: n_max + 1][::-1])[::-1]  # min c(m), m >= n
-    n = int(np.argmax(gain / cheapest_from))
-    tail = curve[n : n_max + 1]
-    return n + int(np.flatnonzero(tail == tail.min())[-1]) if n else 0
 
 
 def _key(model, context: int) -> str:
@@ -99,7 +83,7 @@ def forward_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: i
     seconds = []
     with kernels(model):
         model.base_model(input_ids=torch.randint(0, vocab, (1, context), generator=gen).to(device),
-                         past_key_values=cache, use_cache=True)
+                         cache=cache, use_cache=True)
         for n in sizes:
             chain = DraftTree.build(torch.randint(0, vocab, (n,), generator=gen).numpy(), np.arange(n) - 1,
                                     np.ones(n))
@@ -109,7 +93,7 @@ def forward_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: i
                 _sync(device)
                 t = time.perf_counter()
                 h = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                                     past_key_values=cache, use_cache=True).last_hidden_state
+                                     cache=cache, use_cache=True).last_hidden_state
                 head(h).argmax(-1)
                 _sync(device)
                 times.append(time.perf_counter() - t)
@@ -167,7 +151,7 @@ class CostModel:
             self.table(b)
 
     def table(self, context: int) -> np.ndarray:
-        """c(n) for n = 0..64 at this context length (memoised per bucket)."""
+        """c(n) for n = 0..max(SIZES) at this context length (memoised per bucket)."""
         b = min(bucket(context), self.longest)
         if b not in self._tables:
             self._tables[b] = self.curve(context).table()

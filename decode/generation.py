@@ -12,16 +12,14 @@ import numpy as np
 import torch
 
 from retrodraft.decode.acceptance import accept_greedy, accept_sampling
-from retrodraft.decode.budget import CostModel, choose_budget
+from retrodraft.decode.budget import CostModel
 from retrodraft.decode.tree_attention import compact_cache, new_cache, verification_kernels, tree_inputs
-from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter, RecyclingDrafter, ReferenceDrafter, as_token_array
-from retrodraft.retrieval.calibration import Calibrator, verdicts
+from retrodraft.retrieval.calibration import Calibrator
+from retrodraft.retrieval.config import DEFAULT, SpeculationConfig
+from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter, ReferenceDrafter, as_token_array
 from retrodraft.retrieval.online import OnlineState
-from retrodraft.retrieval.tree import DraftTree, exclusive, fuse, prune
-
-MAX_NODES = 64  # candidates considered per step when the budget is automatic
-TOPK = 8  # top-k ids per verified row handed to drafters that learn from them
-ORIGIN_BITS = 48  # a fused node's origin carries its drafter's index above these bits
+from retrodraft.retrieval.speculator import Span, Speculator
+from retrodraft.retrieval.tree import DraftTree
 
 
 @dataclass
@@ -44,18 +42,6 @@ class GenerationStats:
             f"{self.new_tokens} tokens in {self.steps} steps, {self.mean_accepted:.2f} tokens/step; "
             f"accepted drafts by source: {by}; drafting {self.draft_seconds:.3f}s, verifying {self.verify_seconds:.3f}s"
         )
-
-
-@dataclass
-class Span:
-    """Output tokens [start, start + length) (indices among the new tokens) copied from
-    ``document`` at token ``offset``, as drafted by ``source``."""
-
-    start: int
-    length: int
-    source: str
-    document: str
-    offset: int
 
 
 @dataclass
@@ -115,9 +101,9 @@ def online_state(model, datastore=None) -> OnlineState:
     return _process_state[model]
 
 
-def _default_drafters(model, references, tokenizer, datastore) -> list[Drafter]:
+def _default_drafters(model, references, tokenizer, datastore, config: SpeculationConfig) -> list[Drafter]:
     """Every drafter that applies."""
-    drafters: list[Drafter] = [PromptLookupDrafter()]
+    drafters: list[Drafter] = [PromptLookupDrafter(**dataclasses.asdict(config.prompt_lookup))]
     if references:
         docs, names = [], []
         for i, r in enumerate(references):
@@ -127,7 +113,7 @@ def _default_drafters(model, references, tokenizer, datastore) -> list[Drafter]:
                 r = tokenizer(r, add_special_tokens=False)["input_ids"]
             docs.append(as_token_array(r, "a reference"))
             names.append(f"reference {i}")
-        drafters.append(ReferenceDrafter(docs, names))
+        drafters.append(ReferenceDrafter(docs, names, **dataclasses.asdict(config.reference)))
     if datastore is not None:
         return drafters + datastore.drafters(model.config.vocab_size)
     return drafters + online_state(model).drafters()
@@ -152,6 +138,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     streamer=None,
     seed: int | None = None,
+    config: SpeculationConfig = DEFAULT,
 ) -> GenerationOutput:
     """Generate like ``model.generate``, verifying retrieved drafts with tree attention.
 
@@ -174,40 +161,51 @@ def generate(
     budget:     draft tree nodes verified per step. None chooses each step's size from the
                 drafts' scores and this hardware's measured cost curve c(n) (see
                 decode.budget; measured once per model and device, a few seconds, then cached).
+    config:     the speculation knobs (``retrieval.SpeculationConfig``).
     Stops after max_new_tokens tokens or at the first EOS (``eos_token_id`` or the model's).
     """
     _check_inputs(model, input_ids, max_new_tokens)
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if drafters is None:
-        drafters = _default_drafters(model, references, tokenizer, datastore)
+        drafters = _default_drafters(model, references, tokenizer, datastore, config)
         calibrator = online_state(model, datastore).calibrator
-    costs = CostModel.of(model) if budget is None else None
-    eos = _eos_ids(model, eos_token_id)
+    spec = Speculator(drafters, calibrator, budget=budget, config=config,
+                      cost=CostModel.of(model).table if budget is None else None)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) if do_sample else None
-    want_topk = any(d.needs_topk for d in drafters)
-    stats = GenerationStats(accepted_per_drafter={d.name: 0 for d in drafters})
-    spans: list[Span] = []
+    tokens, length, stats = _decode(model, input_ids, max_new_tokens, spec, sampling, _eos_ids(model, eos_token_id),
+                                    streamer)
+    prompt_len = input_ids.shape[1]
+    if datastore is not None:
+        datastore.commit(tokens[prompt_len:length])
+    sequences = torch.from_numpy(tokens[:length].astype(np.int64)).view(1, -1).to(input_ids.device)
+    return GenerationOutput(sequences=sequences, stats=stats, spans=spec.spans)
 
+
+def _decode(model, input_ids: torch.Tensor, max_new_tokens: int, spec: Speculator, sampling: dict | None,
+            eos: set[int], streamer) -> tuple[np.ndarray, int, GenerationStats]:
+    """The step loop: propose -> verify -> accept -> observe, until max_new_tokens or EOS.
+    Returns the token buffer (int32), its filled length and the stats."""
+    stats = GenerationStats()
     prompt_len = input_ids.shape[1]
     end = prompt_len + max_new_tokens
     tokens = np.empty(end, np.int32)  # the context, grown in place
     tokens[:prompt_len] = input_ids[0].cpu().numpy()
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    cache = new_cache(model, end + (MAX_NODES if budget is None else budget) + 1)
+    cache = new_cache(model, end + spec.max_nodes + 1)
     with verification_kernels(model):
         # Prefill all prompt tokens but the last; the last is the root of the first step.
         if prompt_len > 1:
-            model.base_model(input_ids=input_ids[:, :-1].to(model.device), past_key_values=cache, use_cache=True)
+            model.base_model(input_ids=input_ids[:, :-1].to(model.device), cache=cache, use_cache=True)
         length, done = prompt_len, False
         while not done:
             t0 = time.perf_counter()
-            tree, proposed = _propose(drafters, tokens[:length], budget, end - length - 1, calibrator,
-                                      costs.table(length) if costs is not None else None)
+            tree = spec.propose(tokens[:length], room=end - length)
             t1 = time.perf_counter()
-            path, bonus, rows = _verify(model, cache, tree, int(tokens[length - 1]), length - 1, sampling, want_topk)
+            path, bonus, rows, hidden = _verify(model, cache, tree, int(tokens[length - 1]), length - 1, sampling,
+                                                spec)
             t2 = time.perf_counter()
 
             new = [int(t) for t in tree.tokens[path]] + [bonus]  # <= end - length: depth < that
@@ -215,143 +213,43 @@ def generate(
                 new = new[: next(i for i, t in enumerate(new) if t in eos) + 1]
                 done = True
             tokens[length : length + len(new)] = new
-            _record(stats, spans, drafters, tree, path[: len(new)], length - prompt_len)
             length += len(new)
             done = done or length == end
+            spec.observe(tokens[:length], len(new), rows, hidden)
             stats.steps += 1
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += t2 - t1
-            _learn(drafters, proposed, tokens[:length], len(new), rows, calibrator)
             if streamer is not None:
                 streamer.put(torch.tensor(new))
     if streamer is not None:
         streamer.end()
     stats.new_tokens = length - prompt_len
-    if datastore is not None:
-        datastore.commit(tokens[prompt_len:length])
-    sequences = torch.from_numpy(tokens[:length].astype(np.int64)).view(1, -1).to(input_ids.device)
-    return GenerationOutput(sequences=sequences, stats=stats, spans=spans)
-
-
-@dataclass
-class Proposal:
-    """A tree to learn calibration from: as scored when proposed, with its source (one
-    name, or one per node), the recycling matrix's verdict on its nodes, and the scores the
-    budget saw (the fused tree's only, so the calibration error counts each node once)."""
-
-    tree: DraftTree
-    name: str | list[str]
-    verdict: np.ndarray | None
-    calibrated: np.ndarray | None
-
-
-def _agreeing(drafters: Sequence[Drafter], mask: int) -> str:
-    """The calibration source of a fused node proposed by the drafters in ``mask``."""
-    return "fused:" + "+".join(d.name for k, d in enumerate(drafters) if mask >> k & 1)
+    stats.accepted_per_drafter = dict(spec.accepted)
+    return tokens, length, stats
 
 
 def _verify(model, cache, tree: DraftTree, root: int, past: int, sampling: dict | None,
-            want_topk: bool) -> tuple[list[int], int, np.ndarray | None]:
+            spec: Speculator) -> tuple[list[int], int, np.ndarray | None, np.ndarray | None]:
     """One forward of the target over [root + tree] after ``past`` cached tokens: the
-    accepted path (node indices), the bonus token and, if ``want_topk``, every verified
-    row's top-k (see ``_topk_rows``). The cache is compacted to the accepted path.
-    ``sampling``: accept_sampling's settings, None for greedy."""
+    accepted path (node indices), the bonus token and, as ``spec`` needs them, every
+    verified row's top-k (see ``_topk_rows``) and last hidden state (float [n+1, d]). The
+    cache is compacted to the accepted path. ``sampling``: accept_sampling's settings,
+    None for greedy."""
     ids, positions, mask = tree_inputs(root, tree, past, model.device, model.dtype)
-    hidden = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
+    hidden = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache,
                               use_cache=True).last_hidden_state[0]  # [n+1, d]
     head = model.get_output_embeddings()
-    logits = head(hidden) if want_topk or sampling is None else None  # [n+1, vocab]
+    logits = head(hidden) if spec.needs_topk or sampling is None else None  # [n+1, vocab]
     if sampling is None:
         path, bonus = accept_greedy(tree, logits.argmax(-1).cpu().numpy())
     else:
         path, bonus = accept_sampling(tree, lambda row: head(hidden[row]), **sampling)
     compact_cache(cache, past, [0] + [i + 1 for i in path])
-    return path, bonus, _topk_rows(ids, logits) if want_topk else None
+    rows = _topk_rows(ids, logits, spec.config.topk) if spec.needs_topk else None
+    return path, bonus, rows, hidden.float().cpu().numpy() if spec.needs_hidden else None
 
 
-def _propose(drafters: Sequence[Drafter], context: np.ndarray, budget: int | None, max_depth: int,
-             calibrator: Calibrator | None = None,
-             cost_table: np.ndarray | None = None) -> tuple[DraftTree, list[Proposal]]:
-    """The tree to verify this step, and every drafter's proposal, for the calibrator to
-    learn from.
-
-    Each drafter's tree is calibrated, stamped with its source bit and origin tag; the
-    trees are fused, cut to ``max_depth`` levels and to ``budget`` nodes, or, with budget
-    None, to the size ``choose_budget`` picks on ``cost_table`` from MAX_NODES candidates.
-    """
-    limit = MAX_NODES if budget is None else budget
-    if limit <= 0 or max_depth <= 0 or not drafters:
-        return DraftTree.empty(), []
-    recycling = next((d.matrix for d in drafters if isinstance(d, RecyclingDrafter)), None)
-    proposed, trees = [], []
-    for k, d in enumerate(drafters):
-        raw = t = d.propose(context, limit)
-        verdict = None
-        if calibrator is not None:
-            verdict = verdicts(t, int(context[-1]), recycling)
-            t = calibrator.calibrate(t, d.name, verdict)
-        proposed.append(Proposal(raw, d.name, verdict, None))
-        origins = np.where(t.origins >= 0, t.origins | (k << ORIGIN_BITS), -1)
-        trees.append(dataclasses.replace(t, sources=np.full(len(t), 1 << k, np.uint8), origins=origins))
-    tree = fuse(trees, limit)
-    if calibrator is not None and len(tree):
-        # Each source was calibrated alone; whether a node's acceptance holds up depends on
-        # which sources agree on it (and so, which disagree), so fused nodes are calibrated
-        # again per set of agreeing sources.
-        agree = [_agreeing(drafters, m) for m in tree.sources.tolist()]
-        fused = tree
-        tree = exclusive(calibrator.calibrate(fused, agree))
-        proposed.append(Proposal(fused, agree, None, tree.scores))
-    depths = tree.depths()
-    # Accepted drafts + the bonus token must fit in what is left of max_new_tokens.
-    if depths.max(initial=0) > max_depth:
-        tree = tree.subset(np.flatnonzero(depths <= max_depth))
-    if budget is None and len(tree):
-        tree = prune(tree, choose_budget(tree.scores, cost_table))
-    return tree, proposed
-
-
-def _learn(drafters: Sequence[Drafter], proposed: list[Proposal], context: np.ndarray,
-           emitted: int, rows: np.ndarray | None, calibrator: Calibrator | None) -> None:
-    """After a step: drafters observe the context (whose last ``emitted`` tokens are new) and
-    the verified rows they asked for; the calibrator scores what each had proposed."""
-    new = context[context.shape[0] - emitted:]
-    for d in drafters:
-        d.observe(context, new, rows if d.needs_topk else None)
-    if calibrator is not None:
-        for p in proposed:
-            calibrator.observe(p.tree, p.name, new, p.verdict, p.calibrated)
-
-
-def _topk_rows(ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
-    """int32 [n+1, 1 + TOPK]: each verified row's input token, then the target's top-k after it."""
-    top = logits.topk(TOPK, dim=-1).indices
+def _topk_rows(ids: torch.Tensor, logits: torch.Tensor, k: int) -> np.ndarray:
+    """int32 [n+1, 1 + k]: each verified row's input token, then the target's top-k after it."""
+    top = logits.topk(k, dim=-1).indices
     return torch.cat([ids[0, :, None], top], dim=1).cpu().numpy().astype(np.int32)
-
-
-def _record(stats: GenerationStats, spans: list[Span], drafters: Sequence[Drafter], tree: DraftTree,
-            path: list[int], start: int) -> None:
-    """Credit accepted nodes to their drafters and extend the copied spans.
-
-    ``start`` is the index, among the new tokens, of the first accepted node.
-    """
-    if not path:
-        return
-    bits = tree.sources[path]
-    for k, d in enumerate(drafters):
-        stats.accepted_per_drafter[d.name] += int(np.count_nonzero(bits & (1 << k)))
-    for i, origin in enumerate(tree.origins[path].tolist()):
-        if origin < 0:
-            continue
-        drafter = drafters[origin >> ORIGIN_BITS]
-        document, offset = drafter.locate(origin & ((1 << ORIGIN_BITS) - 1))
-        at = start + i
-        last = spans[-1] if spans else None
-        # A gap of one is the previous step's bonus token: the next copy matched it in the
-        # document, so the document goes on through it.
-        if (last is not None and last.document == document and last.source == drafter.name
-                and at - (last.start + last.length) in (0, 1)
-                and offset - (last.offset + last.length) == at - (last.start + last.length)):
-            last.length = at - last.start + 1
-        else:
-            spans.append(Span(at, 1, drafter.name, document, offset))

@@ -17,9 +17,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from retrodraft.decode.acceptance import accept_greedy
-from retrodraft.decode.generation import _learn, _propose
 from retrodraft.retrieval.calibration import Calibrator
+from retrodraft.retrieval.config import DEFAULT, SpeculationConfig
 from retrodraft.retrieval.drafters import Drafter
+from retrodraft.retrieval.speculator import Speculator
 
 
 @dataclass
@@ -45,7 +46,8 @@ def load_traces(path: str | Path) -> list[Trace]:
 
 
 def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
-           cost_table: np.ndarray | None = None, calibrator: Calibrator | None = None) -> tuple[int, int, float]:
+           cost_table: np.ndarray | None = None, calibrator: Calibrator | None = None,
+           config: SpeculationConfig = DEFAULT) -> tuple[int, int, float]:
     """(steps, new tokens, verification cost) of greedy speculative decoding of ``trace``.
 
     budget: fixed nodes per step, or None with ``cost_table`` (c(n), as
@@ -56,28 +58,26 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
     top-k learn from the recorded top-k of the accepted rows only (the trace has no
     top-k for rejected nodes, which a real run also feeds them).
     """
-    if budget is None and cost_table is None:
-        raise ValueError("pass a budget, or a cost table for the automatic budget")
+    spec = Speculator(drafters, calibrator, budget=budget, cost=cost_table, config=config)
     tokens = np.concatenate([trace.prompt, trace.output])
     prompt_len, end = len(trace.prompt), len(tokens)
     length, steps, cost = prompt_len, 0, 0.0
     while length < end:
-        tree, proposed = _propose(drafters, tokens[:length], budget, end - length - 1, calibrator, cost_table)
+        tree = spec.propose(tokens[:length], room=end - length)
         if cost_table is not None:
             cost += float(cost_table[min(len(tree), len(cost_table) - 1)])
         truth = tokens[length:]
         # The target's argmax at each tree row is the recorded token at that depth.
         argmax_rows = truth[np.concatenate(([0], np.minimum(tree.depths(), len(truth) - 1)))]
         path, _ = accept_greedy(tree, argmax_rows)
-        new = tokens[length : length + len(path) + 1]  # int32, like generate's emitted tokens
         rows = None
-        if any(d.needs_topk for d in drafters):
+        if spec.needs_topk:
             # rows: the root and the accepted nodes; topk[i] is what the target ranked for output[i]
             at = np.arange(length, length + len(path) + 1) - prompt_len
             rows = np.concatenate([tokens[length - 1 : length + len(path), None], trace.topk[at]], axis=1)
-        length += len(new)
+        length += len(path) + 1
         steps += 1
-        _learn(drafters, proposed, tokens[:length], len(new), rows, calibrator)
+        spec.observe(tokens[:length], len(path) + 1, rows)
     return steps, end - prompt_len, cost
 
 

@@ -1,5 +1,6 @@
 """Where drafts come from: the DraftTree type, fusion and pruning, and the drafters."""
 
+from retrodraft.retrieval.config import LookupSettings, SpeculationConfig
 from retrodraft.retrieval.corpus import Document, EmptyCorpusError, SkipCounts, iter_documents
 from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter
 from retrodraft.retrieval.build import BuildStats, tokenizer_fingerprint
@@ -14,10 +15,12 @@ from retrodraft.retrieval.errors import (
 )
 from retrodraft.retrieval.learned import ScopeError
 from retrodraft.retrieval.online import LearnedMemory
+from retrodraft.retrieval.speculator import Span, Speculator, choose_budget
 from retrodraft.retrieval.store import Datastore
 from retrodraft.retrieval.tree import DraftTree, fuse, prune
 
-__all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter"]
+__all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter", "Speculator", "SpeculationConfig",
+           "LookupSettings", "Span", "choose_budget"]
 __all__ += [
     "Datastore", "DatastoreError", "CorruptDatastoreError", "FormatVersionError", "IncompleteDatastoreError",
     "ReadOnlyDatastoreError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",

@@ -23,13 +23,15 @@ from __future__ import annotations
 import numpy as np
 
 from retrodraft.index.recycling import TokenRecycling
+from retrodraft.retrieval.config import DEFAULT
 from retrodraft.retrieval.tree import DraftTree
 
+# The cell grid below is the shape of persisted calibration state (a datastore keeps it), so
+# it is a format, not a setting; the smoothing weight is SpeculationConfig.calibration_weight.
 VERDICTS = 4  # of the recycling matrix on a node: no row yet, top-1, in the top-k, absent
 DEPTHS = 16  # depths beyond share the last row
 BUCKETS = 20  # raw scores in [0, 1] are bucketed in steps of 0.05
 BINS = 10  # of calibrated predictions, for the reliability report
-PRIOR_WEIGHT = 8.0  # pseudo-observations at the raw score: how slowly evidence takes over
 
 
 def verdicts(tree: DraftTree, last_token: int, recycling: TokenRecycling | None) -> np.ndarray | None:
@@ -75,17 +77,19 @@ class Calibrator:
         bucket = np.minimum((tree.scores * BUCKETS).astype(np.int64), BUCKETS - 1)
         return source, (np.zeros(len(tree), np.int64) if verdict is None else verdict), depth, bucket
 
-    def calibrate(self, tree: DraftTree, name: str | list[str], verdict: np.ndarray | None = None) -> DraftTree:
+    def calibrate(self, tree: DraftTree, name: str | list[str], verdict: np.ndarray | None = None,
+                  weight: float = DEFAULT.calibration_weight) -> DraftTree:
         """``tree`` with scores replaced by smoothed acceptance rates; a child never scores
         above its parent (each node takes the minimum along its path). ``name``: the source
         of the nodes, or one per node; ``verdict``: the recycling matrix's on each node
-        (``verdicts``), None for no opinion."""
+        (``verdicts``), None for no opinion; ``weight``: pseudo-observations at the raw
+        score per cell (``SpeculationConfig.calibration_weight``)."""
         if len(tree) == 0:
             return tree
         cell = self._cells(tree, name, verdict)
         seen, hits = self.seen[cell], self.hits[cell]
         prior = np.where(seen > 0, self.raw[cell] / np.maximum(seen, 1), tree.scores)
-        rate = (hits + PRIOR_WEIGHT * prior) / (seen + PRIOR_WEIGHT)
+        rate = (hits + weight * prior) / (seen + weight)
         scores = rate.astype(np.float32)
         for i, p in enumerate(tree.parents.tolist()):
             if p >= 0 and scores[i] > scores[p]:

@@ -17,6 +17,7 @@ from retrodraft.index.ngram import NgramTable
 from retrodraft.index.recycling import TokenRecycling
 from retrodraft.index.suffix_tree import SuffixTree
 from retrodraft.index.trie import build_trie
+from retrodraft.retrieval.config import DEFAULT
 from retrodraft.retrieval.tree import DraftTree, depths_of, fuse, prune
 
 
@@ -96,10 +97,8 @@ class _Lookup:
         return prune(tree, budget)
 
 
-# Acceptance priors per matched suffix length (index = length), fitted by replaying the
-# recorded SmolLM2 greedy traces of ../shared/data/traces (Spec-Bench, all categories).
-PROMPT_FIRST = (0.0, 0.42, 0.55, 0.6, 0.93)
-PROMPT_DECAY = (0.0, 0.6, 0.7, 0.85, 0.95)
+# The lookup drafters' defaults, with the reasons for them, are SpeculationConfig's.
+_PROMPT, _REFERENCE = DEFAULT.prompt_lookup, DEFAULT.reference
 
 
 class PromptLookupDrafter:
@@ -112,8 +111,8 @@ class PromptLookupDrafter:
     name = "prompt_lookup"
     needs_topk = False
 
-    def __init__(self, min_n: int = 1, max_n: int = 4, max_occurrences: int = 8, depth: int = 10,
-                 first: Sequence[float] = PROMPT_FIRST, decay: Sequence[float] = PROMPT_DECAY):
+    def __init__(self, min_n: int = _PROMPT.min_n, max_n: int = _PROMPT.max_n, max_occurrences: int = _PROMPT.max_occurrences,
+                 depth: int = _PROMPT.depth, first: Sequence[float] = _PROMPT.first, decay: Sequence[float] = _PROMPT.decay):
         self._lookup = _Lookup(min_n, max_n, max_occurrences, depth, first, decay)
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
@@ -134,8 +133,8 @@ class ReferenceDrafter:
     needs_topk = False
 
     def __init__(self, references: Sequence[Sequence[int]], names: Sequence[str] | None = None,
-                 min_n: int = 2, max_n: int = 8, max_occurrences: int = 8, depth: int = 16,
-                 first: Sequence[float] = (0.0, 0.0, 0.55, 0.6, 0.93), decay: Sequence[float] = (0.0, 0.0, 0.7, 0.85, 0.95)):
+                 min_n: int = _REFERENCE.min_n, max_n: int = _REFERENCE.max_n, max_occurrences: int = _REFERENCE.max_occurrences,
+                 depth: int = _REFERENCE.depth, first: Sequence[float] = _REFERENCE.first, decay: Sequence[float] = _REFERENCE.decay):
         docs = [as_token_array(r, "a reference") for r in references]
         self.names = list(names) if names is not None else [f"reference {i}" for i in range(len(docs))]
         if len(self.names) != len(docs):

@@ -41,6 +41,7 @@ import lmdb
 import numpy as np
 
 from retrodraft.retrieval.calibration import BUCKETS, DEPTHS, VERDICTS, Calibrator
+from retrodraft.retrieval.config import DEFAULT
 from retrodraft.retrieval.errors import DatastoreError
 from retrodraft.retrieval.layout import key
 from retrodraft.retrieval.online import LearnedMemory, OnlineState
@@ -165,8 +166,9 @@ class Stored:
     calibration: dict[str, np.ndarray]
 
 
-def read_scope(txn, db, scope: str, window_tokens: int, k: int) -> Stored:
-    """The stored state of ``scope`` (empty if it was never written) in transaction ``txn``."""
+def read_scope(txn, db, scope: str, window_tokens: int, k: int = DEFAULT.topk) -> Stored:
+    """The stored state of ``scope`` (empty if it was never written) in transaction ``txn``;
+    ``k``: the recycling rows' width when there are none (else as stored)."""
     p = _prefix(scope)
     folded = _int(txn.get(p + b"folded", db=db))
     window, unfolded, budget = [], [], window_tokens
@@ -186,8 +188,9 @@ def read_scope(txn, db, scope: str, window_tokens: int, k: int) -> Stored:
         toks.append(int.from_bytes(k_, "big"))
         rows.append(np.frombuffer(v, "<i4"))
     cal = _read_calibration(txn, p, db)
+    rows_a = np.array(rows, np.int32) if rows else np.empty((0, k), np.int32)
     return Stored(_int(txn.get(p + b"seq", db=db)), _int(txn.get(p + b"epoch", db=db)), window[::-1], snap,
-                  unfolded[::-1], (np.array(toks, np.int64), np.array(rows, np.int32).reshape(-1, k)), cal)
+                  unfolded[::-1], (np.array(toks, np.int64), rows_a), cal)
 
 
 def scopes(txn, db) -> list[str]:
@@ -288,7 +291,7 @@ class ScopeState:
         self._load()
 
     def _load(self) -> None:
-        k = 8
+        k = DEFAULT.topk
         with self.env.begin(db=self.db) as txn:
             stored = read_scope(txn, self.db, self.scope, self.memory.window_tokens, k)
             old = _legacy(txn, self.db) if self.scope == DEFAULT_SCOPE and txn.get(self.p, db=self.db) is None else None
@@ -422,7 +425,7 @@ def compact(env: lmdb.Environment, db, scope: str, memory: LearnedMemory) -> dic
             _migrate(txn, db)
         if txn.get(p, db=db) is None:
             raise ScopeError(f"there is no learned state in scope {scope!r}; scopes: {', '.join(scopes(txn, db)) or 'none'}")
-        stored = read_scope(txn, db, scope, memory.window_tokens, 8)
+        stored = read_scope(txn, db, scope, memory.window_tokens)
         online = OnlineState(1, memory, ngram=stored.ngram)
         for out in stored.unfolded:
             online.ngram.update(np.concatenate(([-1], out)).astype(np.int32))
@@ -451,10 +454,10 @@ def export(env: lmdb.Environment, db, scope: str, path: str | Path) -> dict[str,
             raise ScopeError(f"there is no learned state in scope {scope!r}; scopes: {', '.join(scopes(txn, db)) or 'none'}")
         if txn.get(p, db=db) is None:
             old = _legacy(txn, db)
-            stored = _legacy_stored(old, 0, old["recycling"].shape[1] if "recycling" in old else 8)
+            stored = _legacy_stored(old, 0, old["recycling"].shape[1] if "recycling" in old else DEFAULT.topk)
             outs, seqs, folded = stored.unfolded, list(range(1, len(stored.unfolded) + 1)), 0
         else:
-            stored = read_scope(txn, db, scope, 0, 8)
+            stored = read_scope(txn, db, scope, 0)
             outs, seqs = [], []
             for k_, v in _items(txn, p + b"out", db):
                 outs.append(_read_entry(v)[0])

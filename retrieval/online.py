@@ -11,6 +11,7 @@ from retrodraft.index.ngram import NgramTable
 from retrodraft.index.recycling import TokenRecycling
 from retrodraft.index.suffix_tree import SuffixTree
 from retrodraft.retrieval.calibration import Calibrator
+from retrodraft.retrieval.config import DEFAULT
 from retrodraft.retrieval.drafters import Drafter, NgramDrafter, RecyclingDrafter, SuffixDrafter
 
 OUTPUT_DEPTH = 32
@@ -67,7 +68,8 @@ class OnlineState:
 
     def __init__(self, vocab_size: int, memory: LearnedMemory | int | None = None, max_depth: int = OUTPUT_DEPTH,
                  outputs: list[np.ndarray] | None = None, recycling_rows: np.ndarray | None = None,
-                 calibration: dict[str, np.ndarray] | None = None, ngram: dict[str, np.ndarray] | None = None):
+                 calibration: dict[str, np.ndarray] | None = None, ngram: dict[str, np.ndarray] | None = None,
+                 topk: int = DEFAULT.topk):
         """``outputs`` (oldest first) fill the suffix tree's window and, unless ``ngram`` (an
         ``NgramTable.state()``) already counts them, the n-gram table."""
         self.memory = LearnedMemory.of(memory)
@@ -77,7 +79,7 @@ class OnlineState:
                       else NgramTable.from_state(ngram, max_ngrams=self.memory.max_ngrams))
         for seq in outputs or ():
             self.add_output(seq, ngram=ngram is None)
-        self.recycling = (TokenRecycling(vocab_size) if recycling_rows is None
+        self.recycling = (TokenRecycling(vocab_size, k=topk) if recycling_rows is None
                           else TokenRecycling.from_state({"rows": np.asarray(recycling_rows, np.int32)}))
         if self.recycling.vocab_size != vocab_size:
             raise ValueError(f"recycling matrix has {self.recycling.vocab_size} rows, the model's vocabulary {vocab_size}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+# ../shared beside the checkout, or $RETRODRAFT_SHARED (a worktree elsewhere reaches it so)
+SHARED = Path(os.environ.get("RETRODRAFT_SHARED") or ROOT.parent / "shared")
 sys.path.insert(0, str(ROOT))
 
 TINY_VOCAB = 64

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from retrodraft.decode.replay import load_traces
+from retrodraft.retrieval.config import SpeculationConfig
 from retrodraft.tools import bench
 
 QUESTIONS = [
@@ -53,6 +54,9 @@ def test_record_replay_and_run(tmp_path, questions, capsys):
     assert results["vanilla"]["overall"]["speedup"] == pytest.approx(1.0)
     assert results["vanilla"]["overall"]["mean_accepted"] == pytest.approx(1.0)
     assert 0.0 <= saved["calibration"]["expected_calibration_error"] <= 1.0
+    # the results say how they were run
+    assert saved["settings"]["config"] == json.loads(json.dumps(SpeculationConfig().as_dict()))
+    assert saved["settings"]["config"]["max_nodes"] == SpeculationConfig().cost_sizes[-1]
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 

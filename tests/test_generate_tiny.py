@@ -117,16 +117,16 @@ def test_compacted_cache_equals_cache_built_from_scratch(arch, buffered):
     with torch.inference_mode(), packed_attention(model):
         # a buffer smaller than the prompt also checks that it grows
         cache = new_cache(model, capacity=4) if buffered else DynamicCache(config=model.config)
-        model.base_model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        model.base_model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
         # root's children: 10 and 11; 11 -> 12 -> 13; 10 -> 14
         tree = DraftTree.build([10, 11, 12, 14, 13], [-1, -1, 1, 0, 2])
         tids, pos, mask = tree_inputs(int(ids[0, -1]), tree, past, model.device, model.dtype)
-        model.base_model(input_ids=tids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model.base_model(input_ids=tids, position_ids=pos, attention_mask=mask, cache=cache, use_cache=True)
         path = [1, 2, 4]  # tokens 11, 12, 13
         compact_cache(cache, past, [0] + [i + 1 for i in path])
         fresh = DynamicCache(config=model.config)
         seq = torch.cat([ids, torch.tensor([[11, 12, 13]])], dim=1)
-        model.base_model(input_ids=seq, past_key_values=fresh, use_cache=True)
+        model.base_model(input_ids=seq, cache=fresh, use_cache=True)
     for a, b in zip(cache.layers, fresh.layers):
         assert a.keys.shape == b.keys.shape
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
@@ -145,11 +145,11 @@ def test_packed_attention_equals_transformers_sdpa_on_a_tree(arch, monkeypatch):
     for packed in (False, True):
         with torch.inference_mode(), packed_attention(model) if packed else contextlib.nullcontext():
             cache = DynamicCache(config=model.config)
-            model.base_model(input_ids=REPETITIVE[:, :-1], past_key_values=cache, use_cache=True)
+            model.base_model(input_ids=REPETITIVE[:, :-1], cache=cache, use_cache=True)
             if packed:  # from here on, every layer must take the packed path
                 monkeypatch.setattr(tree_attention, "sdpa_attention_forward", None)
             hidden.append(model.base_model(input_ids=tids, position_ids=pos, attention_mask=mask,
-                                           past_key_values=cache, use_cache=True).last_hidden_state)
+                                           cache=cache, use_cache=True).last_hidden_state)
     assert model.config._attn_implementation == "sdpa"  # restored on leaving the block
     torch.testing.assert_close(hidden[0], hidden[1], rtol=1e-5, atol=1e-5)
 

@@ -47,12 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import numpy as np
 import torch
+import transformers
 from tqdm import tqdm
 
 from retrodraft.decode import generate, load_model, online_state
 from retrodraft.decode.budget import CostModel
 from retrodraft.decode.replay import load_traces, replay_all
 from retrodraft.retrieval.calibration import Calibrator
+from retrodraft.retrieval.config import DEFAULT
 from retrodraft.retrieval.drafters import Drafter, PromptLookupDrafter
 from retrodraft.retrieval.online import OnlineState
 from retrodraft.tools.generate import chat_ids
@@ -62,7 +64,7 @@ SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_QUESTIONS = SHARED / "spec_bench" / "question.jsonl"
 DEFAULT_TRACES = SHARED / "traces" / "smollm2_specbench_dev.jsonl"
 DRAFTERS = ("prompt_lookup", "suffix", "ngram", "recycling", "corpus")
-TRACE_TOPK = 8
+TRACE_TOPK = DEFAULT.topk  # the traces' top-k is what the recycling drafter learns from
 
 
 def load_questions(path: Path, categories: set[str] | None, limit: int | None) -> list[dict]:
@@ -251,7 +253,12 @@ def run(args) -> None:
     print_table(result)
     calibration = print_calibration(online_state(model, datastore).calibrator)
     if args.out:
-        args.out.write_text(json.dumps({"results": result, "calibration": calibration, "records": records}, indent=1))
+        # the settings go with the figures, so a results file says how it was run
+        settings = {"config": DEFAULT.as_dict(), "budget": args.budget, "max_new_tokens": args.max_new_tokens,
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "transformers": transformers.__version__}
+        args.out.write_text(json.dumps({"settings": settings, "results": result, "calibration": calibration,
+                                        "records": records}, indent=1))
         print(f"wrote {args.out}")
     chart_path = args.chart or (args.out.with_suffix(".png") if args.out else None)
     if chart_path:
