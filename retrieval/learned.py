@@ -286,8 +286,11 @@ class ScopeState:
         self.vocab_size, self.memory = vocab_size, memory
         self.p = _prefix(scope)
         if writable and scope == DEFAULT_SCOPE:
-            with env.begin(write=True, db=db) as txn:
-                _migrate(txn, db)
+            with env.begin(db=db) as txn:
+                legacy = txn.get(LEGACY, db=db) is not None
+            if legacy:  # checked first: a write transaction costs an fsync
+                with env.begin(write=True, db=db) as txn:
+                    _migrate(txn, db)
         self._load()
 
     def _load(self) -> None:
