@@ -1,15 +1,22 @@
 """What verification costs on this hardware, and how many draft nodes are worth it each step.
 
-c(n) is the time of one forward over the root plus n draft nodes (LM head included) divided
-by the time of a forward over the root alone. It is measured once per model, device, dtype,
-thread count and context bucket, then cached on disk, because on a CPU it is far from linear
-or even monotone (small matrix shapes hit slow kernels).
+c(n) is the time of one verification step over the root plus n draft nodes (LM head
+included) divided by the time of a step over the root alone. It is measured once per model,
+device, dtype, thread count and context bucket (sizes interleaved round-robin, a median per
+size, a non-decreasing fit, re-measured while the spread says the machine was busy) and
+cached on disk with its spread; a cached curve is checked when read and measured again if it
+fails. Then every step of ``generate`` is folded in (``CostModel.observe``), so a wrong start
+corrects itself and the curve follows the machine's load; the learned part is saved with the
+cache. Drafting and other host time per step is learned the same way, in units of a 0-node
+forward, and belongs in the step's cost.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import time
 import weakref
@@ -19,23 +26,37 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from retrodraft.decode.costfit import PRIOR_WEIGHT, CurveLearner, HostLearner, isotonic
 from retrodraft.decode.model import cache_dir
 from retrodraft.decode.tree_attention import new_cache, verification_kernels, tree_inputs, truncate_cache
 from retrodraft.retrieval.config import DEFAULT
 from retrodraft.retrieval.speculator import choose_budget  # noqa: F401  (numpy only, so it lives with the Speculator)
 from retrodraft.retrieval.tree import DraftTree
 
+logger = logging.getLogger(__name__)
+
 SIZES = DEFAULT.cost_sizes  # reasons for both in SpeculationConfig
 BUCKETS = DEFAULT.cost_contexts
-VERIFY_PATH = 3  # bumped when the verification forward changes, so cached curves are re-measured
+VERIFY_PATH = 4  # bumped when the verification forward changes, so cached curves are re-measured
+CACHE_FORMAT = 2  # the cache file's layout (2: spread, seconds of a 0-node step and the learned state)
+ROUNDS = 9  # interleaved rounds over all sizes (after one warm-up round)
+SPREAD_LIMIT = 0.10  # median relative interquartile range above which the machine was busy: measure again
+RETRIES = 2  # further attempts when busy; the least noisy attempt is kept
+SAVE_INTERVAL = 5.0  # seconds between writes of the learned curve
 
 
 @dataclass(frozen=True)
 class CostCurve:
-    """c(n) for every n in 0..max_nodes, from measurements at ``SIZES`` (linear in between)."""
+    """c(n) for every n in 0..max_nodes, from measurements at ``sizes`` (linear in between);
+    ``seconds0``: the seconds of a 0-node step it was measured with; ``spread``: the median
+    relative interquartile range of the timings (0 when unknown)."""
 
     sizes: tuple[int, ...]
     costs: tuple[float, ...]
+    seconds0: float = 1.0
+    spread: float = 0.0
 
     def table(self) -> np.ndarray:
         """float64 [max_nodes + 1]: c(n) for n = 0 .. max(sizes)."""
@@ -70,42 +91,106 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def forward_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: int = 5,
-                    kernels: Callable = verification_kernels) -> list[float]:
-    """Seconds of a verification forward of 1 + n tokens for each n in ``sizes`` (a chain of
-    n drafts, with its tree mask and cache as ``generate`` runs them, LM head included) over
-    a cache of ``context`` random tokens, within ``kernels(model)``; the median of ``reps``."""
+def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int = ROUNDS,
+                kernels: Callable = verification_kernels, desc: str | None = None) -> np.ndarray:
+    """float64 [rounds, len(sizes)]: seconds of a verification forward of 1 + n tokens (a chain
+    of n drafts, with its tree mask and cache as ``generate`` runs them, LM head included) over
+    a cache of ``context`` random tokens, within ``kernels(model)``. Sizes are interleaved
+    round-robin, so a burst of load hits one round of every size rather than all of one size;
+    one warm-up round is dropped. ``desc``: label of a progress bar (None: no bar)."""
     device = model.device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     cache = new_cache(model, context + max(sizes) + 1)
     head = model.get_output_embeddings()
-    seconds = []
-    with kernels(model):
+    out = np.empty((rounds + 1, len(sizes)))
+    with kernels(model), tqdm(total=out.size, desc=desc, disable=desc is None, leave=False) as bar:
         model.base_model(input_ids=torch.randint(0, vocab, (1, context), generator=gen).to(device),
                          cache=cache, use_cache=True)
+        inputs = []
         for n in sizes:
             chain = DraftTree.build(torch.randint(0, vocab, (n,), generator=gen).numpy(), np.arange(n) - 1,
                                     np.ones(n))
-            ids, positions, mask = tree_inputs(0, chain, context, device, model.dtype)
-            times = []
-            for r in range(reps + 2):  # two warm-ups
+            inputs.append(tree_inputs(0, chain, context, device, model.dtype))
+        for r in range(rounds + 1):
+            for i, (ids, positions, mask) in enumerate(inputs):
                 _sync(device)
                 t = time.perf_counter()
                 h = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
                                      cache=cache, use_cache=True).last_hidden_state
                 head(h).argmax(-1)
                 _sync(device)
-                times.append(time.perf_counter() - t)
+                out[r, i] = time.perf_counter() - t
                 truncate_cache(cache, context)
-            seconds.append(float(np.median(times[2:])))
-    return seconds
+                bar.update()
+    return out[1:]
 
 
-def measure(model, context: int, reps: int = 5) -> CostCurve:
-    """c(n) at ``SIZES`` over a cache of ``context`` tokens, from ``forward_seconds``."""
-    seconds = forward_seconds(model, context, SIZES, reps)
-    return CostCurve(SIZES, tuple(s / seconds[0] for s in seconds))
+def forward_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: int = ROUNDS,
+                    kernels: Callable = verification_kernels) -> list[float]:
+    """Seconds of a verification forward for each n in ``sizes`` (see ``time_rounds``): the
+    median of ``reps`` interleaved rounds."""
+    return np.median(time_rounds(model, context, sizes, reps, kernels), axis=0).tolist()
+
+
+def spread(seconds: np.ndarray) -> float:
+    """How busy the machine was while ``seconds`` [rounds, sizes] were timed: the median over
+    sizes of each size's interquartile range relative to its median."""
+    q1, med, q3 = np.percentile(seconds, [25, 50, 75], axis=0)
+    return float(np.median((q3 - q1) / med))
+
+
+def fit(seconds: np.ndarray) -> CostCurve:
+    """The cost curve of timings [rounds, len(SIZES)]: per-size medians, fitted non-decreasing
+    in log seconds, relative to the 0-node fit."""
+    s = isotonic(np.log(np.median(seconds, axis=0)))
+    return CostCurve(SIZES, tuple(np.exp(s - s[0]).tolist()), float(np.exp(s[0])), spread(seconds))
+
+
+def measure(model, context: int, rounds: int = ROUNDS) -> CostCurve:
+    """c(n) at ``SIZES`` over a cache of ``context`` tokens. Timed again (at most RETRIES more
+    times) while the spread exceeds SPREAD_LIMIT; the least noisy attempt is returned."""
+    logger.info("measuring the cost of verification at a %d-token context (%d rounds of %d sizes, once per "
+                "machine; cached under %s)", context, rounds, len(SIZES), cache_dir() / "cost")
+    best = None
+    for attempt in range(1 + RETRIES):
+        curve = fit(time_rounds(model, context, SIZES, rounds, desc=f"cost curve @ {context} tokens"))
+        if best is None or curve.spread < best.spread:
+            best = curve
+        if curve.spread <= SPREAD_LIMIT:
+            break
+        logger.warning("cost curve at %d tokens: spread %.0f%% > %.0f%%, the machine is busy%s", context,
+                       100 * curve.spread, 100 * SPREAD_LIMIT,
+                       ": measuring again" if attempt < RETRIES else "; keeping the least noisy attempt, "
+                       "steps will correct it")
+    logger.info("cost curve at %d tokens: c(1) = %.2f, c(16) = %.2f, c(64) = %.2f, 0-node step %.1f ms, "
+                "spread %.0f%%", context, best.costs[1], best.costs[SIZES.index(16)], best.costs[-1],
+                1000 * best.seconds0, 100 * best.spread)
+    return best
+
+
+def validated(data: dict) -> CostCurve:
+    """The curve a cache file holds; ValueError naming what is wrong if it cannot be trusted
+    (another format, other sizes, non-finite, c(0) != 1, decreasing, absurd). A noisy but
+    well-formed curve is kept: its spread lowers its weight against the steps observed."""
+    if data.get("format") != CACHE_FORMAT:
+        raise ValueError(f"format {data.get('format')!r}, expected {CACHE_FORMAT}")
+    if tuple(data.get("sizes", ())) != SIZES:
+        raise ValueError(f"sizes {data.get('sizes')} are not {list(SIZES)}")
+    c = np.asarray(data.get("costs", ()), np.float64)
+    s0, sp = data.get("seconds0"), data.get("spread")
+    if c.shape != (len(SIZES),) or not np.all(np.isfinite(c)):
+        raise ValueError(f"costs are not {len(SIZES)} finite numbers")
+    if abs(c[0] - 1.0) > 1e-6:
+        raise ValueError(f"c(0) = {c[0]}, must be 1")
+    if np.any(np.diff(c) < 0):
+        n = int(np.flatnonzero(np.diff(c) < 0)[0])
+        raise ValueError(f"decreasing: c({SIZES[n + 1]}) = {c[n + 1]:.2f} < c({SIZES[n]}) = {c[n]:.2f}")
+    if np.any(c > 4 * (np.asarray(SIZES) + 1)):
+        raise ValueError(f"absurd: c(n) above 4 (n + 1) (c = {np.round(c, 2).tolist()})")
+    if not isinstance(s0, (int, float)) or not 0 < s0 < 60 or not isinstance(sp, (int, float)) or not 0 <= sp < math.inf:
+        raise ValueError(f"seconds0 {s0!r} or spread {sp!r} out of range")
+    return CostCurve(SIZES, tuple(c.tolist()), float(s0), float(sp))
 
 
 def bucket(context: int) -> int:
@@ -113,10 +198,23 @@ def bucket(context: int) -> int:
     return min(BUCKETS, key=lambda b: abs(np.log(b) - np.log(max(context, 1))))
 
 
+def _check_step(context, nodes, seconds, what: str = "seconds") -> None:
+    if not isinstance(context, (int, np.integer)) or context < 1:
+        raise ValueError(f"context must be a positive token count, got {context!r}")
+    if not isinstance(nodes, (int, np.integer)) or nodes < 0:
+        raise ValueError(f"nodes must be an int >= 0 (draft nodes verified), got {nodes!r}")
+    if not isinstance(seconds, (int, float, np.floating)) or not 0 <= seconds < math.inf:
+        raise ValueError(f"{what} must be a finite time >= 0, got {seconds!r}")
+
+
 class CostModel:
-    """c(n) tables for one model, per context bucket: read from the disk cache, or measured
-    (a few seconds, once per model, device, dtype and bucket) and written there.
-    ``CostModel.of(model)`` shares one instance per model object."""
+    """The cost of a generation step for one model, per context bucket: the measured curve
+    (read from the disk cache, or measured and written there), corrected by every step
+    ``observe`` is told of. ``CostModel.of(model)`` shares one instance per model object.
+
+    Units: c(n) and d(n) are relative to the current time of a 0-node forward; seconds are
+    absolute predictions at the machine's current speed.
+    """
 
     _instances: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -130,29 +228,145 @@ class CostModel:
         self.model = model
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 4096)
         self.longest = max(1, limit - SIZES[-1] - 1)  # measuring must stay inside the context window
+        self._priors: dict[int, CostCurve] = {}
+        self._learners: dict[int, CurveLearner] = {}
+        self._hosts: dict[str, HostLearner] = {}
         self._tables: dict[int, np.ndarray] = {}
+        self._dirty: set[int] = set()
+        self._saved_at = 0.0
+
+    def _bucket(self, context: int) -> int:
+        return min(bucket(context), self.longest)
+
+    def path(self, context: int) -> Path:
+        """The cache file of ``context``'s bucket."""
+        return cache_dir() / "cost" / f"{_key(self.model, self._bucket(context))}.json"
 
     def curve(self, context: int) -> CostCurve:
-        b = min(bucket(context), self.longest)
-        path = cache_dir() / "cost" / f"{_key(self.model, b)}.json"
+        """The measured curve (the prior) of ``context``'s bucket: from the cache if it passes
+        ``validated``, else measured now and written there."""
+        b = self._bucket(context)
+        if b not in self._priors:
+            self._load(b)
+        return self._priors[b]
+
+    def _load(self, b: int) -> None:
+        path = self.path(b)
+        curve, learned = None, None
         if path.exists():
-            data = json.loads(path.read_text())
-            return CostCurve(tuple(data["sizes"]), tuple(data["costs"]))
-        curve = measure(self.model, b)
+            try:
+                data = json.loads(path.read_text())
+                curve, learned = validated(data), data.get("learned")
+            except (ValueError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
+                logger.warning("cached cost curve %s is not trusted (%s): measuring again", path, e)
+        fresh = curve is None
+        if fresh:
+            curve = measure(self.model, b)
+        weight = PRIOR_WEIGHT if curve.spread <= SPREAD_LIMIT else 1  # a noisy prior yields sooner
+        learner = CurveLearner(SIZES, np.log(curve.seconds0 * np.asarray(curve.costs)), weight)
+        if learned is not None:
+            try:
+                learner.restore(learned)
+            except (ValueError, TypeError) as e:
+                logger.warning("learned cost state in %s is not trusted (%s): starting from the measured curve",
+                               path, e)
+        self._priors[b], self._learners[b] = curve, learner
+        if fresh:
+            self._write(b)
+
+    def _learner(self, context: int) -> tuple[int, CurveLearner]:
+        b = self._bucket(context)
+        if b not in self._learners:
+            self._load(b)
+        return b, self._learners[b]
+
+    def table(self, context: int) -> np.ndarray:
+        """float64 [max(SIZES) + 1]: c(n) for n = 0..max(SIZES) at this context length, as learned so far
+        (c(0) = 1, non-decreasing). Memoised until the next ``observe``."""
+        b, learner = self._learner(context)
+        if b not in self._tables:
+            self._tables[b] = np.interp(np.arange(SIZES[-1] + 1), SIZES, learner.costs())
+        return self._tables[b]
+
+    def overhead(self, drafting: str) -> np.ndarray:
+        """float64 [max(SIZES) + 1]: d(n), host time per step of the drafter set named ``drafting`` in units
+        of a 0-node forward (zeros until it has been observed)."""
+        host = self._hosts.get(drafting)
+        return host.overhead(SIZES[-1]) if host else np.zeros(SIZES[-1] + 1)
+
+    def step_table(self, context: int, drafting: str) -> np.ndarray:
+        """float64 [max(SIZES) + 1]: c(n) + d(n), a whole step's cost, what ``choose_budget`` weighs."""
+        return self.table(context) + self.overhead(drafting)
+
+    def predict_seconds(self, context: int, nodes: int, drafting: str | None = None) -> float:
+        """Seconds a step of ``nodes`` nodes should take now: the verification step, plus the
+        host time of ``drafting`` when given."""
+        _, learner = self._learner(context)
+        forward = math.exp(learner.log_seconds(nodes))
+        host = self.overhead(drafting)[min(nodes, SIZES[-1])] * math.exp(learner.log_seconds(0)) if drafting else 0.0
+        return forward + host
+
+    def observe(self, context: int, nodes: int, seconds: float, host_seconds: float | None = None,
+                drafting: str = "") -> None:
+        """Fold in one step of ``generate``: ``nodes`` draft nodes verified after ``context``
+        tokens in ``seconds`` (tree inputs, forward, LM head, acceptance, cache compaction) and,
+        if given, ``host_seconds`` of everything else in the step for the drafter set ``drafting``."""
+        _check_step(context, nodes, seconds)
+        if host_seconds is not None:
+            _check_step(context, nodes, host_seconds, "host_seconds")
+        b, learner = self._learner(context)
+        if host_seconds is not None:
+            self.observe_host(context, nodes, host_seconds, drafting)
+        learner.observe(nodes, seconds)
+        self._tables.pop(b, None)
+        self._dirty.add(b)
+
+    def observe_host(self, context: int, nodes: int, seconds: float, drafting: str) -> float:
+        """Fold in ``seconds`` of host time of one step of ``nodes`` nodes for the drafter set
+        ``drafting``; returns it in units of a 0-node forward at ``context`` (d of this step)."""
+        _check_step(context, nodes, seconds, "host seconds")
+        _, learner = self._learner(context)
+        units = seconds / math.exp(learner.log_seconds(0))
+        self._hosts.setdefault(drafting, HostLearner()).observe(nodes, units)
+        return units
+
+    def report(self) -> dict:
+        """What the model holds now, for benchmark records: per bucket loaded, the measured
+        curve, the learned one and the machine's level; per drafter set, d(n) = d0 + d1 n."""
+        return {
+            "sizes": list(SIZES),
+            "buckets": {str(b): {"measured": [round(c, 4) for c in self._priors[b].costs],
+                                 "measured_spread": round(self._priors[b].spread, 4),
+                                 "seconds0_measured": self._priors[b].seconds0,
+                                 "learned": [round(c, 4) for c in learner.costs().tolist()],
+                                 "seconds0_now": math.exp(learner.log_seconds(0)),
+                                 "observations": int(learner.counts.sum())}
+                        for b, learner in sorted(self._learners.items())},
+            "overhead": {k: dict(zip(("d0", "d1"), h.line())) for k, h in sorted(self._hosts.items())},
+        }
+
+    def save(self, force: bool = False) -> None:
+        """Write the learned state of every bucket observed since the last write to the cache
+        (atomically; at most once per SAVE_INTERVAL seconds unless ``force``)."""
+        if not self._dirty or (not force and time.monotonic() - self._saved_at < SAVE_INTERVAL):
+            return
+        for b in sorted(self._dirty):
+            self._write(b)
+        self._dirty.clear()
+        self._saved_at = time.monotonic()
+
+    def _write(self, b: int) -> None:
+        curve, learner = self._priors[b], self._learners[b]
+        data = {"format": CACHE_FORMAT, "context": b, "sizes": list(curve.sizes), "costs": list(curve.costs),
+                "seconds0": curve.seconds0, "spread": curve.spread, "learned": learner.state(),
+                "learned_costs": [round(c, 4) for c in learner.costs().tolist()]}
+        path = self.path(b)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"sizes": curve.sizes, "costs": curve.costs, "context": b}))
+        tmp.write_text(json.dumps(data))
         tmp.replace(path)
-        return curve
 
     def warm(self) -> None:
         """Load or measure every bucket now, so no later call pays for a measurement."""
         for b in BUCKETS:
             self.table(b)
-
-    def table(self, context: int) -> np.ndarray:
-        """c(n) for n = 0..max(SIZES) at this context length (memoised per bucket)."""
-        b = min(bucket(context), self.longest)
-        if b not in self._tables:
-            self._tables[b] = self.curve(context).table()
-        return self._tables[b]

@@ -31,16 +31,27 @@ class GenerationStats:
     accepted_per_drafter: dict[str, int] = field(default_factory=dict)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    predicted_step_seconds: list[float] = field(default_factory=list)  # cost model's forecast, per step
+    measured_step_seconds: list[float] = field(default_factory=list)  # wall time, per step (automatic budget only)
 
     @property
     def mean_accepted(self) -> float:
         return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def prediction_error(self) -> float:
+        """Median over steps of |predicted - measured| / measured step time (nan if none)."""
+        p, m = np.array(self.predicted_step_seconds), np.array(self.measured_step_seconds)
+        return float(np.median(np.abs(p - m) / m)) if len(m) else float("nan")
 
     def summary(self) -> str:
         by = ", ".join(f"{k} {v}" for k, v in self.accepted_per_drafter.items()) or "none"
         return (
             f"{self.new_tokens} tokens in {self.steps} steps, {self.mean_accepted:.2f} tokens/step; "
             f"accepted drafts by source: {by}; drafting {self.draft_seconds:.3f}s, verifying {self.verify_seconds:.3f}s"
+            + (f"; step time predicted {sum(self.predicted_step_seconds):.3f}s, measured "
+               f"{sum(self.measured_step_seconds):.3f}s (median error {100 * self.prediction_error:.0f}%)"
+               if self.measured_step_seconds else "")
         )
 
 
@@ -157,10 +168,13 @@ def generate(
     seed:       fixes the random stream of sampling. The distribution is exact whatever the
                 drafts, but which sample a seed gives depends on the drafts too, and the
                 default drafters learn between calls: for a repeatable sample pass the
-                same stateless ``drafters`` (or ``drafters=[]``).
+                same stateless ``drafters`` (or ``drafters=[]``). A seeded call does not
+                teach the cost model its step times (they would change the next call's
+                budgets, so its trees and its sample), and reports no predicted step times.
     budget:     draft tree nodes verified per step. None chooses each step's size from the
-                drafts' scores and this hardware's measured cost curve c(n) (see
-                decode.budget; measured once per model and device, a few seconds, then cached).
+                drafts' scores and this hardware's cost of a step, c(n) + d(n) (see
+                decode.budget: measured once per model and device, cached, then learned
+                from every step's time, so the sizes follow the machine's load).
     config:     the speculation knobs (``retrieval.SpeculationConfig``).
     Stops after max_new_tokens tokens or at the first EOS (``eos_token_id`` or the model's).
     """
@@ -170,12 +184,14 @@ def generate(
     if drafters is None:
         drafters = _default_drafters(model, references, tokenizer, datastore, config)
         calibrator = online_state(model, datastore).calibrator
+    costs = CostModel.of(model) if budget is None else None
+    drafting = "+".join(d.name for d in drafters)  # host time per step is learned per drafter set
     spec = Speculator(drafters, calibrator, budget=budget, config=config,
-                      cost=CostModel.of(model).table if budget is None else None)
+                      cost=(lambda length: costs.step_table(length, drafting)) if costs is not None else None)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) if do_sample else None
     tokens, length, stats = _decode(model, input_ids, max_new_tokens, spec, sampling, _eos_ids(model, eos_token_id),
-                                    streamer)
+                                    streamer, costs if seed is None else None, drafting)
     prompt_len = input_ids.shape[1]
     if datastore is not None:
         datastore.commit(tokens[prompt_len:length])
@@ -184,8 +200,10 @@ def generate(
 
 
 def _decode(model, input_ids: torch.Tensor, max_new_tokens: int, spec: Speculator, sampling: dict | None,
-            eos: set[int], streamer) -> tuple[np.ndarray, int, GenerationStats]:
+            eos: set[int], streamer, costs: CostModel | None = None,
+            drafting: str = "") -> tuple[np.ndarray, int, GenerationStats]:
     """The step loop: propose -> verify -> accept -> observe, until max_new_tokens or EOS.
+    ``costs`` (the automatic budget's) learns each step's time, keyed by ``drafting``.
     Returns the token buffer (int32), its filled length and the stats."""
     stats = GenerationStats()
     prompt_len = input_ids.shape[1]
@@ -219,13 +237,27 @@ def _decode(model, input_ids: torch.Tensor, max_new_tokens: int, spec: Speculato
             stats.steps += 1
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += t2 - t1
+            if costs is not None:
+                _time_step(costs, stats, length - len(new), len(tree), drafting, t0, t1, t2)
             if streamer is not None:
                 streamer.put(torch.tensor(new))
     if streamer is not None:
         streamer.end()
+    if costs is not None:
+        costs.save()
     stats.new_tokens = length - prompt_len
     stats.accepted_per_drafter = dict(spec.accepted)
     return tokens, length, stats
+
+
+def _time_step(costs: CostModel, stats: GenerationStats, context: int, nodes: int, drafting: str,
+               t0: float, t1: float, t2: float) -> None:
+    """Record the step's predicted and measured time, then teach ``costs`` what it took: the
+    verification (t1 to t2) and the host time around it (the rest, up to now)."""
+    total = time.perf_counter() - t0
+    stats.predicted_step_seconds.append(costs.predict_seconds(context, nodes, drafting))
+    stats.measured_step_seconds.append(total)
+    costs.observe(context, nodes, t2 - t1, host_seconds=total - (t2 - t1), drafting=drafting)
 
 
 def _verify(model, cache, tree: DraftTree, root: int, past: int, sampling: dict | None,

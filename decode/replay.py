@@ -10,6 +10,7 @@ predicts a real run's mean accepted tokens exactly, for any budget, in seconds.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from retrodraft.decode.acceptance import accept_greedy
+from retrodraft.decode.budget import CostModel
 from retrodraft.retrieval.calibration import Calibrator
 from retrodraft.retrieval.config import DEFAULT, SpeculationConfig
 from retrodraft.retrieval.drafters import Drafter
@@ -47,24 +49,39 @@ def load_traces(path: str | Path) -> list[Trace]:
 
 def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
            cost_table: np.ndarray | None = None, calibrator: Calibrator | None = None,
-           config: SpeculationConfig = DEFAULT) -> tuple[int, int, float]:
-    """(steps, new tokens, verification cost) of greedy speculative decoding of ``trace``.
+           config: SpeculationConfig = DEFAULT, costs: CostModel | None = None) -> tuple[int, int, float]:
+    """(steps, new tokens, step cost) of greedy speculative decoding of ``trace``.
 
     budget: fixed nodes per step, or None with ``cost_table`` (c(n), as
-    ``CostModel.table``) to choose per step like ``generate`` does. The cost is the sum of
-    c(n) over steps when a cost table is given (else 0); new tokens / cost is the speedup
-    the table predicts, loop overhead aside. ``calibrator`` calibrates and learns as in
-    ``generate`` with its default drafters. Drafters that need
-    top-k learn from the recorded top-k of the accepted rows only (the trace has no
-    top-k for rejected nodes, which a real run also feeds them).
+    ``CostModel.table``) or ``costs`` to choose per step like ``generate`` does. With
+    ``costs`` (a ``CostModel``, the one ``generate`` uses) each step weighs c(n) + d(n) as
+    ``generate`` does, d learned from this replay's own drafting time per step, and the cost
+    is the sum over steps of c(n) plus the step's measured drafting time, both in units of a
+    0-node forward; with ``cost_table`` only, the sum of c(n); else 0. New tokens / cost is
+    the predicted speedup over one token per 0-node forward with no host time.
+    ``calibrator`` calibrates and learns as in ``generate`` with its default drafters.
+    Drafters that need top-k learn from the recorded top-k of the accepted rows only (the
+    trace has no top-k for rejected nodes, which a real run also feeds them).
     """
-    spec = Speculator(drafters, calibrator, budget=budget, cost=cost_table, config=config)
+    drafting = "replay:" + "+".join(d.name for d in drafters)
+    if costs is not None:
+        cost_table = None  # the model's, per context length, is used instead
+
+        def step_cost(length: int) -> np.ndarray:
+            return costs.step_table(length, drafting)
+
+    spec = Speculator(drafters, calibrator, budget=budget, cost=step_cost if costs is not None else cost_table,
+                      config=config)
     tokens = np.concatenate([trace.prompt, trace.output])
     prompt_len, end = len(trace.prompt), len(tokens)
     length, steps, cost = prompt_len, 0, 0.0
     while length < end:
+        t0 = time.perf_counter()
         tree = spec.propose(tokens[:length], room=end - length)
-        if cost_table is not None:
+        if costs is not None:
+            table = costs.table(length)
+            cost += float(table[min(len(tree), len(table) - 1)])
+        elif cost_table is not None:
             cost += float(cost_table[min(len(tree), len(cost_table) - 1)])
         truth = tokens[length:]
         # The target's argmax at each tree row is the recorded token at that depth.
@@ -75,20 +92,23 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
             # rows: the root and the accepted nodes; topk[i] is what the target ranked for output[i]
             at = np.arange(length, length + len(path) + 1) - prompt_len
             rows = np.concatenate([tokens[length - 1 : length + len(path), None], trace.topk[at]], axis=1)
+        context = length
         length += len(path) + 1
         steps += 1
         spec.observe(tokens[:length], len(path) + 1, rows)
+        if costs is not None:
+            cost += costs.observe_host(context, len(tree), time.perf_counter() - t0, drafting)
     return steps, end - prompt_len, cost
 
 
 def replay_all(traces: Sequence[Trace], make_drafters: Callable[[], Sequence[Drafter]],
                budget: int | None = None, cost_table: np.ndarray | None = None,
-               calibrator: Calibrator | None = None) -> dict[str, tuple[float, float]]:
+               calibrator: Calibrator | None = None, costs: CostModel | None = None) -> dict[str, tuple[float, float]]:
     """Per category and ``overall``: (mean accepted tokens per step, predicted speedup =
-    tokens / summed cost, or 0 without a cost table), pooled over traces."""
+    tokens / summed cost, or 0 without a cost table or model), pooled over traces."""
     totals: dict[str, list[float]] = {}
     for t in traces:
-        steps, new, cost = replay(t, make_drafters(), budget, cost_table, calibrator)
+        steps, new, cost = replay(t, make_drafters(), budget, cost_table, calibrator, costs=costs)
         for key in (t.category, "overall"):
             s = totals.setdefault(key, [0, 0, 0.0])
             s[0] += steps

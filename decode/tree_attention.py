@@ -41,8 +41,19 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     out = F.scaled_dot_product_attention(query.reshape(b, heads // groups, groups * q, d), key, value,
-                                         attn_mask=attention_mask.repeat(1, 1, groups, 1), scale=scaling)
+                                         attn_mask=_tiled(attention_mask, groups), scale=scaling)
     return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
+
+
+_last_tiled: list = [None, 0, None]  # (mask, groups, tiled): every layer of a forward gets the same mask
+
+
+def _tiled(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """``mask`` [1, 1, q, k] tiled to [1, 1, groups * q, k], once per forward rather than once
+    per layer (the copy was ~7% of a 16-node forward at a 1024-token context)."""
+    if _last_tiled[0] is not mask or _last_tiled[1] != groups:
+        _last_tiled[:] = [mask, groups, mask.repeat(1, 1, groups, 1)]
+    return _last_tiled[2]
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa)

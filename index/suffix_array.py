@@ -405,6 +405,18 @@ def _continuations(stream, sa, lo, hi, length, m, depth, tokens, parents, scores
     starts = np.empty(m, np.int64)
     for i in range(m):
         starts[i] = sa[lo + i * r // m] + length
+    return counted_tree(stream, starts, depth, tokens, parents, scores, origins)
+
+
+@numba.njit(cache=True, nogil=True)
+def counted_tree(stream, starts, depth, tokens, parents, scores, origins):
+    """The counted trie of ``stream[s : s + depth]`` for ``s`` in ``starts`` (inserted in that
+    order), cut to its ``len(tokens)`` best nodes; fills the caller's outputs, returns k.
+
+    Scores are count / len(starts); origins are stream positions. Shared with the sharded
+    datastore's merge (index.shard_merge), which must reproduce this tree exactly.
+    """
+    m = starts.shape[0]
     cap = m * depth
     all_tokens = np.empty(cap, np.int32)
     all_parents = np.empty(cap, np.int32)

@@ -10,6 +10,7 @@ from retrodraft.retrieval.errors import (
     FormatVersionError,
     IncompleteDatastoreError,
     ReadOnlyDatastoreError,
+    ShardTooLargeError,
     StaleDatastoreError,
     TokenizerMismatchError,
 )
@@ -23,6 +24,6 @@ __all__ = ["DraftTree", "fuse", "prune", "Drafter", "PromptLookupDrafter", "Spec
            "LookupSettings", "Span", "choose_budget"]
 __all__ += [
     "Datastore", "DatastoreError", "CorruptDatastoreError", "FormatVersionError", "IncompleteDatastoreError",
-    "ReadOnlyDatastoreError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
+    "ReadOnlyDatastoreError", "ShardTooLargeError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
     "Document", "EmptyCorpusError", "SkipCounts", "iter_documents", "ScopeError", "LearnedMemory",
 ]

@@ -31,12 +31,17 @@ from retrodraft.index import suffix_array
 from retrodraft.retrieval.arrow_files import fsync, write_arrow
 from retrodraft.retrieval.corpus import Document, EmptyCorpusError, SkipCounts
 from retrodraft.retrieval.drafters import join_documents
+from retrodraft.retrieval.errors import ShardTooLargeError
 from retrodraft.retrieval.layout import DBS, FORMAT_VERSION, MAP_SIZE, key
 
 if TYPE_CHECKING:
     from retrodraft.retrieval.store import Datastore
 
 BATCH_CHARS = 1 << 20
+# Most stream positions (tokens + separators) one datastore takes. Positions are int64
+# throughout, but the suffix array build holds ~17 bytes a position in memory (36 GiB here):
+# past this, build in shards (retrieval.shard_build), which is also how builds use many cores.
+MAX_STREAM = 1 << 31
 
 
 @dataclass
@@ -176,6 +181,12 @@ def write_version(path: Path, base: Datastore | None, documents, tokenizer, prog
 def _extend(base: Datastore | None, chunks: list[np.ndarray], lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The new version's stream and doc offsets: ``base``'s documents (copied), then the new ones."""
     old = base.doc_offsets if base else np.zeros(1, np.int64)
+    size = int(old[-1]) + int(np.sum(lengths + 1))
+    if size > MAX_STREAM:
+        raise ShardTooLargeError(
+            f"{size:,} tokens and separators would go into one datastore, more than its limit of {MAX_STREAM:,}; "
+            f"build it in shards of at most that size: python tools/build_index.py CORPUS --out DIR "
+            f"--shards {-(-size // MAX_STREAM) * 2} (or more)")
     stream = np.concatenate(([base.tokens] if base else []) + chunks)
     return stream, np.concatenate([old, old[-1] + np.cumsum(lengths + 1)])
 

@@ -98,23 +98,12 @@ def iter_documents(
     Raises FileNotFoundError if ``root`` does not exist and EmptyCorpusError, after the walk,
     if it yielded no document.
     """
-    root = Path(root).absolute()
-    if not root.exists():
-        raise FileNotFoundError(f"no corpus at {root}: pass a directory or a file")
     skipped = SkipCounts() if skipped is None else skipped
     names = tuple(fields) if fields else DEFAULT_FIELDS
     count = 0
-    files = [root] if root.is_file() else _walk(root, exclude, skipped)
-    for path in files:
-        suffix = path.suffix.lower()
-        if suffix in RECORD_SUFFIXES:
-            docs = _records(path, suffix, names, skipped)
-        elif suffix in TEXT_SUFFIXES or path == root:
-            docs = _text_file(path, skipped)
-        else:
-            skipped.other_type += 1
-            continue
-        for doc in docs:
+    root = Path(root).absolute()
+    for path in corpus_files(root, skipped, exclude):
+        for doc in file_documents(path, fields, skipped):
             count += 1
             yield doc
     if count == 0:
@@ -124,6 +113,40 @@ def iter_documents(
             f"{' '.join(sorted(TEXT_SUFFIXES | RECORD_SUFFIXES))}, records one of the fields "
             f"{', '.join(names)} (choose others with --field, or fields=)"
         )
+
+
+def corpus_files(
+    root: str | os.PathLike, skipped: SkipCounts | None = None, exclude: Collection[str] = DEFAULT_EXCLUDE
+) -> Iterator[Path]:
+    """The files ``iter_documents`` reads, in its order (absolute paths).
+
+    A file given as ``root`` is yielded whatever its suffix; in a walk, files without a
+    supported suffix are counted in ``skipped.other_type`` (and hidden or excluded entries in
+    ``excluded``). Raises FileNotFoundError if ``root`` does not exist.
+    """
+    root = Path(root).absolute()
+    if not root.exists():
+        raise FileNotFoundError(f"no corpus at {root}: pass a directory or a file")
+    if root.is_file():
+        yield root
+        return
+    skipped = SkipCounts() if skipped is None else skipped
+    for path in _walk(root, exclude, skipped):
+        if path.suffix.lower() in TEXT_SUFFIXES | RECORD_SUFFIXES:
+            yield path
+        else:
+            skipped.other_type += 1
+
+
+def file_documents(path: Path, fields: list[str] | None = None, skipped: SkipCounts | None = None) -> Iterator[Document]:
+    """The documents of one file from ``corpus_files``: records for .jsonl/.json/.parquet,
+    else the whole file as text. What is left out is counted in ``skipped``; never raises
+    for bad content (EmptyCorpusError is ``iter_documents``'s, over a whole corpus)."""
+    skipped = SkipCounts() if skipped is None else skipped
+    suffix = path.suffix.lower()
+    if suffix in RECORD_SUFFIXES:
+        return _records(path, suffix, tuple(fields) if fields else DEFAULT_FIELDS, skipped)
+    return _text_file(path, skipped)
 
 
 def _walk(top: Path, exclude: Collection[str], skipped: SkipCounts) -> Iterator[Path]:

@@ -27,3 +27,7 @@ class ReadOnlyDatastoreError(DatastoreError):
 class StaleDatastoreError(DatastoreError):
     """The datastore at the path was replaced after this process opened it."""
 
+
+
+class ShardTooLargeError(DatastoreError):
+    """One datastore (or shard) would hold more tokens than its positions allow."""

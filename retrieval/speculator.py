@@ -29,21 +29,26 @@ CostTable = Union[np.ndarray, Callable[[int], np.ndarray]]
 SOURCE_BITS = 8  # DraftTree.sources is uint8: one bit per drafter
 
 
-def choose_budget(scores: np.ndarray, curve: np.ndarray) -> int:
-    """Number of nodes to verify: argmax over n of (1 + sum of the n best scores) / c(n).
+def choose_budget(scores: np.ndarray, curve: np.ndarray, overhead: float | np.ndarray = 0.0) -> int:
+    """Number of nodes to verify: argmax over n of (1 + sum of the n best scores) / (c(n) + d(n)).
 
     scores: path scores of the candidate tree (any order); curve: c(n) for n = 0.. (see
-    decode.budget.CostCurve.table). A tree of n nodes can always be padded with further
-    candidates, so the cost of n is the cheapest c(m) over m >= n; when a larger m is that
-    cheap, the best m candidates are sent rather than n, since they come at no extra cost.
+    decode.budget.CostCurve.table; ``CostModel.step_table`` has d folded in already);
+    overhead: d(n), the step's host time (drafting, fusion, bookkeeping) in units of a
+    0-node forward, a number or one per n like ``curve``. A fixed d makes larger trees
+    relatively cheaper; a d that grows with n makes them dearer. A tree of n nodes can
+    always be padded with further candidates, so the cost of n is the cheapest over m >= n;
+    when a larger m is that cheap, the best m candidates are sent rather than n, since they
+    come at no extra cost.
     """
     n_max = min(len(scores), len(curve) - 1)
     if n_max == 0:
         return 0
+    cost = curve[: n_max + 1] + (overhead[: n_max + 1] if np.ndim(overhead) else overhead)
     gain = 1.0 + np.concatenate(([0.0], np.cumsum(np.sort(scores)[::-1][:n_max])))
-    cheapest_from = np.minimum.accumulate(curve[: n_max + 1][::-1])[::-1]  # min c(m), m >= n
+    cheapest_from = np.minimum.accumulate(cost[::-1])[::-1]  # min cost(m), m >= n
     n = int(np.argmax(gain / cheapest_from))
-    tail = curve[n : n_max + 1]
+    tail = cost[n:]
     return n + int(np.flatnonzero(tail == tail.min())[-1]) if n else 0
 
 

@@ -35,6 +35,7 @@ from retrodraft.retrieval.errors import (
 )
 from retrodraft.retrieval import learned
 from retrodraft.retrieval.layout import BUILD, DBS, FORMAT_VERSION, MAP_SIZE, REBUILD, key
+from retrodraft.retrieval.manifest import is_sharded
 from retrodraft.retrieval.online import LearnedMemory, OnlineState
 
 
@@ -79,12 +80,18 @@ class Datastore:
         scope are never drafted in another. ``memory``: bytes the past outputs may take in
         this process (``retrieval.online.LearnedMemory``; an int is a total, None the default).
 
-        Verifies the format version (FormatVersionError), that the build completed
+        A directory with a manifest opens as a ``shards.ShardedDatastore`` (every shard
+        opened and checked, learned state in one place). Verifies the format version
+        (FormatVersionError), that the build completed
         (IncompleteDatastoreError), each Arrow file's size and CRC32 (CorruptDatastoreError)
         and, if ``tokenizer`` is given, its fingerprint (TokenizerMismatchError naming
         both). Raises FileNotFoundError if there is nothing at ``path``. With
         ``readonly=False`` the state can be written (``save_state``, ``append``).
         """
+        if cls is Datastore and is_sharded(Path(path)):
+            from retrodraft.retrieval.shards import ShardedDatastore
+
+            return ShardedDatastore.open(path, readonly, tokenizer, scope=scope, memory=memory)
         ds = cls.__new__(cls)
         ds.scope, ds.memory = learned.check_scope(scope), LearnedMemory.of(memory)
         ds._attach(Path(path).absolute(), readonly)
@@ -272,13 +279,17 @@ class Datastore:
         """Fresh per-call drafters: the corpus (REST over the suffix array) and the scope's
         learned ones (past outputs, n-grams of them, token recycling), after bringing in
         what other processes committed to the scope since the last call."""
-        def locate(position: int) -> tuple[str, int]:
-            loc = self.locate(position)
-            return (loc.path if loc.record == 0 else f"{loc.path}#{loc.record}"), loc.offset
-
         state = self.online(vocab_size)
         self._learned.refresh()
-        return [CorpusDrafter(self.tokens, self.suffix_array, locate), *state.drafters()]
+        return [self._corpus_drafter(), *state.drafters()]
+
+    def _corpus_drafter(self) -> Drafter:
+        return CorpusDrafter(self.tokens, self.suffix_array, self._source)
+
+    def _source(self, position: int) -> tuple[str, int]:
+        """(document name, offset) of a stream position, as drafters' ``locate`` reports it."""
+        loc = self.locate(position)
+        return (loc.path if loc.record == 0 else f"{loc.path}#{loc.record}"), loc.offset
 
     def commit(self, output: np.ndarray) -> None:
         """Merge what this process learned since its last commit into the scope: ``output``

@@ -49,8 +49,12 @@ def test_record_replay_and_run(tmp_path, questions, capsys):
         assert set(method) == {"mt_bench", "summarization", "overall"}
         for cell in method.values():
             assert cell["identical"] is True
-            assert set(cell) == {"speedup", "tokens_per_s", "mean_accepted", "identical"}
+            assert set(cell) == {"speedup", "tokens_per_s", "mean_accepted", "identical", "prediction_error"}
             assert cell["mean_accepted"] >= 1.0
+    assert results["vanilla"]["overall"]["prediction_error"] is None  # not driven by the cost model
+    assert 0.0 <= results["retrodraft"]["overall"]["prediction_error"] < 10.0
+    assert saved["cost_model"]["buckets"] and "retrodraft" not in saved["cost_model"]["overhead"]
+    assert any(key.startswith("prompt_lookup") for key in saved["cost_model"]["overhead"])
     assert results["vanilla"]["overall"]["speedup"] == pytest.approx(1.0)
     assert results["vanilla"]["overall"]["mean_accepted"] == pytest.approx(1.0)
     assert 0.0 <= saved["calibration"]["expected_calibration_error"] <= 1.0
@@ -63,3 +67,16 @@ def test_record_replay_and_run(tmp_path, questions, capsys):
 def test_missing_questions_file_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no questions"):
         bench.main(["--questions", str(tmp_path / "none.jsonl")])
+
+
+def test_a_negative_hog_count_is_a_clear_error(questions):
+    with pytest.raises(SystemExit):
+        bench.main(["--questions", str(questions), "--hog", "-1"])
+
+
+def test_cpu_hogs_are_started_and_stopped():
+    with bench.cpu_hogs(2) as hogs:
+        assert len(hogs) == 2 and all(h.poll() is None for h in hogs)  # spinning
+    assert all(h.poll() is not None for h in hogs)  # killed and reaped
+    with bench.cpu_hogs(0) as hogs:
+        assert hogs == []

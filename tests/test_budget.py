@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -51,6 +52,8 @@ def test_buckets_are_nearest_on_a_log_scale():
 
 def test_measured_curve_is_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("RETRODRAFT_CACHE", str(tmp_path))
+    monkeypatch.setattr("retrodraft.decode.budget.ROUNDS", 3)
+    monkeypatch.setattr("retrodraft.decode.budget.RETRIES", 0)
     model = tiny_model("llama")
     table = CostModel(model).table(100)
     assert table.shape == (65,) and table[0] == pytest.approx(1.0) and np.all(table > 0)
@@ -58,3 +61,227 @@ def test_measured_curve_is_cached_on_disk(tmp_path, monkeypatch):
     assert len(files) == 1
     # a second model object of the same config reads the file instead of measuring
     np.testing.assert_array_equal(CostModel(model).table(100), table)
+
+
+# --- robust measurement, the disk cache's checks, online learning (issue 10) ---------------------------
+
+import json
+import logging
+
+from retrodraft.decode import budget as budget_module
+from retrodraft.decode.budget import CACHE_FORMAT, fit, validated
+from retrodraft.decode.costfit import CurveLearner, HostLearner, isotonic
+
+TRUE_COSTS = np.array([1, 1.02, 1.04, 1.06, 1.08, 1.12, 1.16, 1.25, 1.35, 1.6, 1.9, 2.5, 3.1])  # at SIZES
+T0 = 0.08  # seconds of a 0-node step in the synthetic machine
+
+
+@pytest.fixture()
+def quick_measure(monkeypatch, tmp_path):
+    """A private cache, and measurements short enough for a test (the statistics are tested apart)."""
+    monkeypatch.setenv("RETRODRAFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(budget_module, "ROUNDS", 2)
+    monkeypatch.setattr(budget_module, "RETRIES", 0)
+
+
+def write_cache(model, context, costs, seconds0=T0, spread=0.02, **extra):
+    path = CostModel(model).path(context)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": CACHE_FORMAT, "context": context, "sizes": list(SIZES), "costs": list(map(float, costs)),
+            "seconds0": seconds0, "spread": spread, **extra}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def sane(table):
+    return table[0] == pytest.approx(1.0) and np.all(np.diff(table) >= 0) and np.all(np.isfinite(table))
+
+
+@pytest.mark.parametrize("poison", [
+    {"costs": [1, 5.47, 1.0, 6.98, 1, 1, 1, 1, 1, 1, 1, 1, 0.91]},  # c(64) < c(1): the issue's cache
+    {"costs": [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, float("nan")]},
+    {"costs": [2.0] * len(SIZES)},  # c(0) != 1
+    {"costs": [1] + [1e6] * (len(SIZES) - 1)},  # absurd
+    {"sizes": [0, 1, 2]},
+    {"seconds0": -1.0},
+])
+def test_a_poisoned_cached_curve_is_measured_again(quick_measure, caplog, poison):
+    model = tiny_model("llama")
+    costs = poison.pop("costs", TRUE_COSTS)
+    path = write_cache(model, 100, costs)
+    if poison:
+        data = json.loads(path.read_text())
+        data.update(poison)
+        path.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="retrodraft.decode.budget"):
+        table = CostModel(model).table(100)
+    assert "not trusted" in caplog.text
+    assert sane(table)
+    validated(json.loads(path.read_text()))  # the file now holds the new measurement
+    # the issue's poisoned curve sent 64 nodes at every step; now a weak draft is not worth a tree
+    assert choose_budget(np.array([0.05, 0.02, 0.01] * 5), table) < 64
+
+
+def test_a_garbled_cache_file_is_measured_again(quick_measure):
+    model = tiny_model("llama")
+    path = CostModel(model).path(100)
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    assert sane(CostModel(model).table(100))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0.5, 3.0), min_size=len(SIZES), max_size=len(SIZES)),
+       st.floats(0.0, 0.5), st.integers(0, 2**31 - 1))
+def test_the_fitted_curve_never_decreases(base, noise, seed):
+    rng = np.random.default_rng(seed)
+    seconds = np.asarray(base) * np.exp(rng.normal(0, noise, (5, len(SIZES))))
+    seconds[rng.integers(0, 5), rng.integers(0, len(SIZES))] *= 40  # a neighbour's burst
+    curve = fit(seconds)
+    assert sane(np.asarray(curve.costs)) and sane(curve.table())
+    validated({"format": CACHE_FORMAT, "sizes": list(SIZES), "costs": list(curve.costs),
+               "seconds0": curve.seconds0, "spread": curve.spread})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=1, max_size=30), st.integers(0, 2**31 - 1))
+def test_isotonic_is_the_closest_non_decreasing_fit(y, seed):
+    y = np.asarray(y)
+    w = np.random.default_rng(seed).uniform(0.1, 3, len(y))
+    f = isotonic(y, w)
+    assert np.all(np.diff(f) >= -1e-12)
+    assert np.sum(w * f) == pytest.approx(np.sum(w * y))  # pooled means keep the weighted total
+    for _ in range(20):  # no non-decreasing neighbour does better
+        other = np.sort(f + np.random.default_rng(seed).normal(0, 0.1, len(y)))
+        assert np.sum(w * (f - y) ** 2) <= np.sum(w * (other - y) ** 2) + 1e-9
+
+
+def test_isotonic_pools_violators():
+    np.testing.assert_allclose(isotonic([1, 3, 2, 4]), [1, 2.5, 2.5, 4])
+    np.testing.assert_allclose(isotonic([5, 1], [1, 3]), [2, 2])
+
+
+def synthetic_steps(learner, steps, rng, load=1.0, outliers=0.0, sizes=SIZES):
+    for _ in range(steps):
+        n = int(rng.choice(sizes))
+        t = T0 * load * np.interp(n, SIZES, TRUE_COSTS) * np.exp(rng.normal(0, 0.03))
+        if rng.random() < outliers:
+            t *= rng.uniform(3, 30)
+        learner.observe(n, t)
+
+
+WRONG = np.log(T0 * np.array([1, 5.47, 5.5, 6.98, 7, 7, 7, 7, 7, 7, 7, 7.2, 7.2]))  # monotone but wrong
+
+
+def test_online_steps_move_a_wrong_curve_to_the_truth_within_a_few_dozen_steps():
+    rng = np.random.default_rng(0)
+    learner = CurveLearner(SIZES, WRONG)
+    synthetic_steps(learner, 60, rng, sizes=(0, 1, 4, 8, 16, 64))
+    np.testing.assert_allclose(learner.costs()[[0, 1, 4, 6, 8, 12]], TRUE_COSTS[[0, 1, 4, 6, 8, 12]], rtol=0.1)
+    # and the absolute prediction of a step follows too
+    assert np.exp(learner.log_seconds(16)) == pytest.approx(T0 * 1.35, rel=0.1)
+
+
+def test_outliers_do_not_move_the_curve():
+    rng = np.random.default_rng(1)
+    learner = CurveLearner(SIZES, np.log(T0 * TRUE_COSTS))
+    synthetic_steps(learner, 200, rng, outliers=0.1)
+    np.testing.assert_allclose(learner.costs(), TRUE_COSTS, rtol=0.08)
+    before = learner.costs().copy()
+    learner.observe(64, 100.0)  # one absurd step
+    learner.observe(0, 1e-9)
+    np.testing.assert_allclose(learner.costs(), before, rtol=0.03)
+
+
+def test_a_slower_machine_moves_the_level_not_the_shape():
+    rng = np.random.default_rng(2)
+    learner = CurveLearner(SIZES, np.log(T0 * TRUE_COSTS))
+    synthetic_steps(learner, 150, rng)
+    synthetic_steps(learner, 60, rng, load=2.0, sizes=(4, 8, 16))  # a neighbour arrives; no 0-node steps
+    np.testing.assert_allclose(learner.costs(), TRUE_COSTS, rtol=0.08)
+    assert np.exp(learner.log_seconds(8)) == pytest.approx(2 * T0 * 1.16, rel=0.1)
+    synthetic_steps(learner, 60, rng, load=3.0)
+    assert learner.level == pytest.approx(np.log(3), abs=0.1)
+    np.testing.assert_allclose(learner.costs(), TRUE_COSTS, rtol=0.08)
+
+
+def test_learned_state_round_trips_and_rejects_garbage():
+    learner = CurveLearner(SIZES, WRONG)
+    synthetic_steps(learner, 50, np.random.default_rng(3))
+    again = CurveLearner(SIZES, WRONG)
+    again.restore(json.loads(json.dumps(learner.state())))
+    np.testing.assert_allclose(again.costs(), learner.costs(), rtol=1e-5)
+    for bad in ({"windows": [[1.0]], "counts": [1]}, {"windows": [[float("nan")]] * len(SIZES),
+                                                      "counts": [1] * len(SIZES)}, {}):
+        with pytest.raises(ValueError):
+            again.restore(bad)
+
+
+def test_the_engine_learns_from_its_steps_and_saves_what_it_learned(quick_measure):
+    model = tiny_model("llama")
+    write_cache(model, 100, np.exp(WRONG - WRONG[0]))
+    costs = CostModel(model)
+    assert costs.table(100)[64] > 7
+    rng = np.random.default_rng(4)
+    for _ in range(60):
+        n = int(rng.choice([0, 2, 8, 16, 64]))
+        costs.observe(100, n, T0 * np.interp(n, SIZES, TRUE_COSTS), host_seconds=0.1 * T0, drafting="a")
+    assert costs.table(100)[64] == pytest.approx(3.1, rel=0.1)
+    assert costs.overhead("a")[0] == pytest.approx(0.1, rel=0.1)
+    assert costs.predict_seconds(100, 16, "a") == pytest.approx(T0 * (1.35 + 0.1), rel=0.1)
+    costs.save(force=True)
+    np.testing.assert_allclose(CostModel(model).table(100), costs.table(100), rtol=1e-4)  # read back
+
+
+def test_host_time_is_learned_as_a_robust_line():
+    host = HostLearner()
+    rng = np.random.default_rng(5)
+    for _ in range(64):
+        n = int(rng.integers(0, 65))
+        host.observe(n, 0.05 + 0.002 * n + (5.0 if rng.random() < 0.1 else 0.0))
+    d0, d1 = host.line()
+    assert d0 == pytest.approx(0.05, abs=0.01) and d1 == pytest.approx(0.002, abs=5e-4)
+
+
+def test_drafting_time_per_node_shrinks_the_budget_and_a_fixed_part_does_not():
+    scores = np.array([0.9, 0.7, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05])
+    base = choose_budget(scores, CPU_LIKE)
+    per_node = 0.1 * np.arange(65)
+    assert choose_budget(scores, CPU_LIKE, per_node) < base
+    # a cost paid every step whatever its size makes each step's tokens dearer: verify more per step
+    assert choose_budget(scores, CPU_LIKE, 2.0) >= base
+    assert choose_budget(np.array([0.3, 0.3]), curve(1 + 0.4 * np.asarray(SIZES)), 0.0) == 0
+    assert choose_budget(np.array([0.3, 0.3]), curve(1 + 0.4 * np.asarray(SIZES)), 3.0) > 0
+
+
+def test_generate_recovers_from_a_poisoned_cache_learns_and_reports_its_predictions(quick_measure):
+    from retrodraft.decode import generate
+
+    model = tiny_model("llama")
+    path = write_cache(model, 20, [1, 5.47, 1.0, 6.98, 1, 1, 1, 1, 1, 1, 1, 1, 0.91])  # the issue's curve
+    ids = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3]])
+    want = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = generate(model, ids, max_new_tokens=24, eos_token_id=[])
+    assert out.sequences.tolist() == want.tolist()
+    stats = out.stats
+    assert len(stats.predicted_step_seconds) == len(stats.measured_step_seconds) == stats.steps
+    assert np.isfinite(stats.prediction_error) and "predicted" in stats.summary()
+    data = json.loads(path.read_text())
+    validated(data)  # re-measured, then saved with what the steps taught it
+    assert sum(data["learned"]["counts"]) == stats.steps
+    assert sane(np.asarray(data["learned_costs"]))
+
+
+@pytest.mark.parametrize("bad", [dict(context=0), dict(nodes=-1), dict(nodes=2.5), dict(seconds=float("nan")),
+                                 dict(seconds=-1.0), dict(host_seconds=float("inf"))])
+def test_a_bad_observation_is_a_clear_error_and_changes_nothing(quick_measure, bad):
+    model = tiny_model("llama")
+    write_cache(model, 100, TRUE_COSTS)
+    costs = CostModel(model)
+    before = costs.table(100).copy()
+    step = dict(context=100, nodes=4, seconds=0.1, host_seconds=0.01, **{})
+    step.update(bad)
+    with pytest.raises(ValueError, match="must be"):
+        costs.observe(step["context"], step["nodes"], step["seconds"], host_seconds=step["host_seconds"])
+    np.testing.assert_array_equal(costs.table(100), before)
+    assert costs.overhead("")[0] == 0

@@ -75,3 +75,28 @@ def test_sampling_with_the_same_seed_and_drafts_is_reproducible(smollm):
                      drafters=[PromptLookupDrafter()]) for _ in range(2))
     assert torch.equal(a.sequences, b.sequences)
     generate(model, ids, max_new_tokens=24, do_sample=True, seed=7)  # default drafters run too
+
+
+@pytest.mark.model
+def test_a_poisoned_cost_cache_is_measured_again_and_greedy_output_is_unchanged(smollm, tmp_path, monkeypatch):
+    import numpy as np
+
+    from retrodraft.decode.budget import SIZES, CostModel, validated
+
+    model, tok = smollm
+    monkeypatch.setenv("RETRODRAFT_CACHE", str(tmp_path))
+    monkeypatch.setattr("retrodraft.decode.budget.ROUNDS", 2)  # the statistics are tested in test_budget
+    monkeypatch.setattr("retrodraft.decode.budget.RETRIES", 0)
+    monkeypatch.setattr(CostModel, "_instances", type(CostModel._instances)())
+    ids, want = reference(model, tok, "repeat_text")
+    path = CostModel(model).path(ids.shape[1])
+    path.parent.mkdir(parents=True)
+    poisoned = [1, 5.47, 1.0, 6.98, 1, 1, 1, 1, 1, 1, 1, 1, 0.91]  # the cache: c(64) < c(1)
+    path.write_text(json.dumps({"format": 2, "sizes": list(SIZES), "costs": poisoned, "seconds0": 0.1, "spread": 0}))
+    out = generate(model, ids, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(out.sequences, want)
+    data = json.loads(path.read_text())
+    curve = validated(data)
+    assert curve.costs[-1] > curve.costs[1]  # a 64-node forward costs more than a 1-node one again
+    assert sum(data["learned"]["counts"]) > 0  # and the steps were learned from and saved
+    assert len(out.stats.measured_step_seconds) == out.stats.steps and np.isfinite(out.stats.prediction_error)

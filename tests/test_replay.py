@@ -44,3 +44,21 @@ def test_replay_reports_every_category_and_beats_one_token_per_step(traces):
 def test_replay_needs_a_budget_or_a_cost_table(traces):
     with pytest.raises(ValueError, match="budget"):
         replay(traces[0], drafters(SuffixTree()), budget=None)
+
+
+def test_replay_with_the_cost_model_counts_its_own_drafting_time(tmp_path, monkeypatch):
+    from conftest import tiny_model
+    from retrodraft.decode.budget import CostModel
+    from retrodraft.decode.replay import Trace
+
+    monkeypatch.setenv("RETRODRAFT_CACHE", str(tmp_path))
+    monkeypatch.setattr("retrodraft.decode.budget.ROUNDS", 2)
+    monkeypatch.setattr("retrodraft.decode.budget.RETRIES", 0)
+    costs = CostModel(tiny_model("llama"))
+    text = np.tile(np.arange(10, 30, dtype=np.int32), 6)
+    trace = Trace("t", "cat", text[:40], text[40:], np.repeat(text[40:, None], 8, axis=1))
+    steps, new, cost = replay(trace, [PromptLookupDrafter()], costs=costs)
+    assert new == 80 and steps < new  # the repeats are drafted and accepted
+    d = costs.overhead("replay:prompt_lookup")
+    assert d[0] > 0  # drafting took time, in units of a 0-node forward
+    assert cost > steps  # each step is at least one 0-node forward (c(0) = 1), plus its drafting time

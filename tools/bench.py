@@ -3,7 +3,7 @@ acceptance replayed from traces without the model (replay).
 
 usage: python tools/bench.py [run] [--questions FILE] [--categories a,b] [--limit N]
                              [--max-new-tokens N] [--warmup N] [--model DIR] [--datastore DIR]
-                             [--budget N] [--out RESULTS.json] [--chart RESULTS.png]
+                             [--budget N] [--hog N] [--out RESULTS.json] [--chart RESULTS.png]
        python tools/bench.py record --out TRACES.jsonl [--questions FILE] [--categories a,b]
                              [--limit N] [--max-new-tokens N] [--model DIR]
        python tools/bench.py replay [TRACES.jsonl] [--budgets 8,16,32,64,auto] [--datastore DIR]
@@ -18,8 +18,13 @@ drafter alone (`drafter:NAME`, automatic budget, its own online state and calibr
 over that datastore, opened read-only: what it learns stays in memory). Per method and
 category it prints tokens/s, speedup (mean per-question tok/s of the method / that of
 vanilla), mean accepted tokens per verification step (new tokens / target forwards, counted
-the same way for every method) and whether every output equals vanilla's; then the fused
-engine's calibration error (predicted against observed acceptance). The 8 MT-bench
+the same way for every method), whether every output equals vanilla's and the median error
+of the cost model's predicted step time against the measured one (our methods with the
+automatic budget); then the fused engine's calibration error (predicted against observed
+acceptance) and the cost curves measured and learned. --hog N runs it all beside N
+processes spinning a CPU each (a noisy neighbour), started before the first call. The JSON
+(--out) holds the results, per-question records with per-step prediction errors, the
+calibration and the cost model (curves, machine level, drafting time d). The 8 MT-bench
 categories form one group, mt_bench, whose second turn includes the model's own first answer.
 
 record: runs the target once per question (turn) and writes its greedy output and its top-8
@@ -28,15 +33,19 @@ ids at every output position, one JSON line each (qid, cat, prompt, output, top8
 replay: drives each drafter alone and all of them fused over recorded traces: the accepted
 length of a step is the longest tree path matching the recorded continuation, which is what
 a real greedy run accepts. Prints mean accepted tokens per category at each budget; "auto"
-chooses each step's size with this machine's cached cost curve of the default model, with
-calibration as in generate(), and also prints the speedup that curve predicts (tokens /
-summed cost, loop overhead aside) and the calibration error.
+chooses each step's size with the default model's cost model on this machine (the cached
+curve, learned as generate() ran, plus the replay's own drafting time per step, as
+generate() weighs them), with calibration as in generate(), and also prints the speedup it
+predicts (tokens / summed c(n) + d, in 0-node forwards) and the calibration error.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import contextlib
 import json
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -44,6 +53,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from retrodraft.tools.threads import passive_openmp
+
+passive_openmp()  # before torch: see tools/threads.py
 
 import numpy as np
 import torch
@@ -112,7 +125,8 @@ def drafter_pool(online: OnlineState, datastore, vocab: int) -> list[Drafter]:
     return [PromptLookupDrafter(), *online.drafters(), *corpus]
 
 
-Method = Callable[[torch.Tensor, int], tuple[list[int], int]]  # (ids, max_new_tokens) -> (new ids, steps)
+# (ids, max_new_tokens) -> (new ids, steps, |predicted - measured| / measured step time per step, [] if not predicted)
+Method = Callable[[torch.Tensor, int], tuple[list[int], int, list[float]]]
 
 
 def methods(model, datastore, budget: int | None) -> dict[str, Method]:
@@ -124,7 +138,7 @@ def methods(model, datastore, budget: int | None) -> dict[str, Method]:
         def run(ids, max_new_tokens):
             start = counter.calls
             seq = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-            return seq[0, ids.shape[1]:].tolist(), counter.calls - start
+            return seq[0, ids.shape[1]:].tolist(), counter.calls - start, []
         return run
 
     def ours(make_drafters: Callable[[], list[Drafter]] | None, calibrator: Calibrator | None) -> Method:
@@ -132,7 +146,8 @@ def methods(model, datastore, budget: int | None) -> dict[str, Method]:
             drafters = make_drafters() if make_drafters else None
             out = generate(model, ids, max_new_tokens=max_new_tokens, budget=budget, drafters=drafters,
                            calibrator=calibrator, datastore=datastore if drafters is None else None)
-            return out.sequences[0, ids.shape[1]:].tolist(), out.stats.steps
+            p, m = np.array(out.stats.predicted_step_seconds), np.array(out.stats.measured_step_seconds)
+            return out.sequences[0, ids.shape[1]:].tolist(), out.stats.steps, (np.abs(p - m) / m).round(4).tolist()
         return run
 
     def alone(name: str) -> Method:
@@ -150,7 +165,9 @@ def methods(model, datastore, budget: int | None) -> dict[str, Method]:
 
 
 def summarize(records: list[dict], names: list[str]) -> dict:
-    """Per method, per group and overall: speedup, tokens_per_s, mean_accepted, identical."""
+    """Per method, per group and overall: speedup, tokens_per_s, mean_accepted, identical and
+    prediction_error (median over steps of |predicted - measured| / measured step time; None
+    for methods the cost model does not drive)."""
     result: dict[str, dict] = {}
     groups = sorted({r["group"] for r in records}) + ["overall"]
     for m in names:
@@ -164,16 +181,23 @@ def summarize(records: list[dict], names: list[str]) -> dict:
                 "tokens_per_s": sum(tps) / len(tps),
                 "mean_accepted": sum(r[m]["tokens"] for r in rs) / sum(r[m]["steps"] for r in rs),
                 "identical": all(r[m]["identical"] for r in rs),
+                "prediction_error": prediction_error([e for r in rs for e in r[m]["step_errors"]]),
             }
     return result
 
 
+def prediction_error(errors: list[float]) -> float | None:
+    return float(np.median(errors)) if errors else None
+
+
 def print_table(result: dict) -> None:
-    print(f"\n{'method':<24}{'group':<16}{'tok/s':>8}{'speedup':>9}{'accepted':>10}{'identical':>11}")
+    print(f"\n{'method':<24}{'group':<16}{'tok/s':>8}{'speedup':>9}{'accepted':>10}{'identical':>11}"
+          f"{'step time error':>17}")
     for m, groups in result.items():
         for g, r in groups.items():
+            err = r["prediction_error"]
             print(f"{m:<24}{g:<16}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x{r['mean_accepted']:>10.2f}"
-                  f"{str(r['identical']):>11}")
+                  f"{str(r['identical']):>11}{'-' if err is None else f'{100 * err:.1f}%':>17}")
 
 
 def print_calibration(calibrator: Calibrator) -> dict:
@@ -223,16 +247,36 @@ def open_datastore(path: str | None, tokenizer=None, scope: str = "default"):
     return Datastore.open(path, tokenizer=tokenizer, scope=scope)
 
 
+@contextlib.contextmanager
+def cpu_hogs(n: int) -> Iterator[list[subprocess.Popen]]:
+    """``n`` processes spinning a CPU each (a noisy neighbour) for the duration of the block."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    if hogs:
+        print(f"started {n} CPU hog process(es): {', '.join(str(h.pid) for h in hogs)}")
+    try:
+        yield hogs
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
 def run(args) -> None:
     questions = load_questions(args.questions, args.categories, args.limit)
     model, tok = load_model(args.model)
     datastore = open_datastore(args.datastore, tok, args.scope)
+    with cpu_hogs(args.hog):
+        timed_run(args, questions, model, tok, datastore)
+
+
+def timed_run(args, questions: list[dict], model, tok, datastore) -> None:
     table = methods(model, datastore, args.budget)
     names = list(table)
-    print(f"{len(questions)} questions, {torch.get_num_threads()} threads, max_new_tokens={args.max_new_tokens}; "
-          f"methods: {', '.join(names)}")
+    print(f"{len(questions)} questions, {torch.get_num_threads()} threads, max_new_tokens={args.max_new_tokens}, "
+          f"{args.hog} CPU hogs; methods: {', '.join(names)}")
 
-    CostModel.of(model).warm()  # measured once per machine and cached: keep it out of the timings
+    costs = CostModel.of(model)
+    costs.warm()  # measured once per machine and cached (or read back and checked): out of the timings
     for q in questions[: args.warmup]:  # compiles kernels, uncounted
         for method in table.values():
             method(chat_ids(tok, [{"role": "user", "content": q["turns"][0]}]), 16)
@@ -244,21 +288,29 @@ def run(args) -> None:
             rec = {"qid": q["question_id"], "group": q["group"]}
             for m in order:
                 t = time.perf_counter()
-                outputs[m], steps = table[m](ids, args.max_new_tokens)
-                rec[m] = {"tokens": len(outputs[m]), "seconds": time.perf_counter() - t, "steps": steps}
+                outputs[m], steps, errors = table[m](ids, args.max_new_tokens)
+                rec[m] = {"tokens": len(outputs[m]), "seconds": time.perf_counter() - t, "steps": steps,
+                          "step_errors": errors}
             for m in names:
                 rec[m]["identical"] = outputs[m] == outputs["vanilla"]
             records.append(rec)
     result = summarize(records, names)
     print_table(result)
     calibration = print_calibration(online_state(model, datastore).calibrator)
+    cost_model = costs.report()
+    print("\ncost curves at the end (c at " + ", ".join(f"n = {n}" for n in (1, 16, 64)) + "): " + "; ".join(
+        f"{b} tokens measured {v['measured'][1]:.2f} / {v['measured'][8]:.2f} / {v['measured'][-1]:.2f}, learned "
+        f"{v['learned'][1]:.2f} / {v['learned'][8]:.2f} / {v['learned'][-1]:.2f}"
+        for b, v in cost_model["buckets"].items()))
+    costs.save(force=True)
     if args.out:
         # the settings go with the figures, so a results file says how it was run
         settings = {"config": DEFAULT.as_dict(), "budget": args.budget, "max_new_tokens": args.max_new_tokens,
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "transformers": transformers.__version__}
-        args.out.write_text(json.dumps({"settings": settings, "results": result, "calibration": calibration,
-                                        "records": records}, indent=1))
+        args.out.write_text(json.dumps({"settings": {**settings, "hogs": args.hog}, "results": result,
+                                        "calibration": calibration, "cost_model": cost_model, "records": records},
+                                       indent=1))
         print(f"wrote {args.out}")
     chart_path = args.chart or (args.out.with_suffix(".png") if args.out else None)
     if chart_path:
@@ -299,11 +351,11 @@ def replay(args) -> None:
     vocab = int(max(max(t.prompt.max(), t.output.max(), t.topk.max()) for t in traces)) + 1
     names = [n for n in args.drafters.split(",") if n != "corpus" or datastore is not None]
     budgets = args.budgets.split(",")
-    cost_table = None
+    costs = None
     if "auto" in budgets:
         model = load_model()[0]
         vocab = model.config.vocab_size
-        cost_table = CostModel.of(model).table(1024)
+        costs = CostModel.of(model)
     categories = sorted({t.category for t in traces}) + ["overall"]
     print(f"{len(traces)} traces; mean accepted tokens per step (predicted speedup for auto)")
     print(f"{'drafters':<42}{'budget':>7}" + "".join(f"{c[:12]:>13}" for c in categories))
@@ -313,8 +365,8 @@ def replay(args) -> None:
 
             calibrator = online.calibrator if b == "auto" else None
             result = replay_all(traces, lambda: [d for d in drafter_pool(online, datastore, vocab) if d.name in chosen],
-                                budget=None if b == "auto" else int(b), cost_table=cost_table,
-                                calibrator=calibrator)
+                                budget=None if b == "auto" else int(b), calibrator=calibrator,
+                                costs=costs if b == "auto" else None)
             cells = [f"{a:.2f} ({s:.2f}x)" if b == "auto" else f"{a:.2f}" for a, s in (result[c] for c in categories)]
             print(f"{'+'.join(chosen):<42}{b:>7}" + "".join(f"{c:>13}" for c in cells))
             if calibrator is not None:
@@ -325,6 +377,7 @@ def replay(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # cost curve news
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("run", "record", "replay", "-h", "--help"):
         argv = ["run", *argv]  # `run` is the default command
@@ -351,6 +404,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="fixed draft tree size for our methods (default: automatic, from the cost curve)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (and the chart beside it)")
     p.add_argument("--chart", type=Path, default=None, help="write the chart (PNG) here (default: --out with .png)")
+    p.add_argument("--hog", type=int, default=0, metavar="N",
+                   help="start N CPU-hog processes (a noisy neighbour) before the first call, stop them at the end")
     p.set_defaults(func=run)
 
     p = commands.add_parser("record", help="record greedy traces of the target, with its top-8 at every position")
@@ -370,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=replay)
 
     args = ap.parse_args(argv)
+    if getattr(args, "hog", 0) < 0:
+        ap.error(f"--hog must be 0 or more, got {args.hog}")
     if getattr(args, "questions", None) is not None and not args.questions.is_file():
         sys.exit(f"no questions at {args.questions}: pass --questions FILE (Spec-Bench format)")
     args.func(args)

@@ -2,21 +2,28 @@
 
 usage: python tools/bench_kernel.py [--model DIR] [--context N] [--reps N]
 
-Prints two tables, milliseconds, median of --reps after two warm-ups:
+Prints two tables, milliseconds, median of --reps (the forwards: --reps rounds over all sizes,
+interleaved, after a warm-up round, as the cost curve is measured):
   weights   30 float32 weight matrices of 1536 x 576 (SmolLM2-135M's MLP shape, 106 MB: more
             than any cache, as in a real forward) times 1-64 input rows, F.linear (BLAS) and
             the kernel, one matrix after another
   forward   one verification forward of the model (1 + n tokens, LM head included, as the
             cost curve measures it) over a cache of --context tokens, with packed attention
             only (BLAS linear layers) and with the kernel as ``generate`` runs it
-and last the cost curve c(n) the budget uses at --context (from the disk cache, else measured).
+and last the cost curve c(n) the budget uses at --context (from the disk cache, checked, else
+measured; with what earlier runs' steps taught it).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 
+
+from retrodraft.tools.threads import passive_openmp
+
+passive_openmp()  # before torch: see tools/threads.py
 
 import numpy as np
 import torch
@@ -45,6 +52,7 @@ def row(label: str, values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # cost curve news
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="local HF model directory (default SmolLM2-135M-Instruct)")
     ap.add_argument("--context", type=int, default=1024, help="cached tokens before the forward (default 1024)")

@@ -10,7 +10,12 @@ and prints both speeds. Measures the hardware cost curve first if it is not cach
 from __future__ import annotations
 
 import argparse
+import logging
 import time
+
+from retrodraft.tools.threads import passive_openmp
+
+passive_openmp()  # before torch: see tools/threads.py
 
 from retrodraft.decode import generate, load_model
 from retrodraft.decode.budget import CostModel
@@ -32,6 +37,7 @@ Rewrite this function with type hints and a longer docstring, keeping the same l
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # cost curve news
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="local HF model directory (default SmolLM2-135M-Instruct)")
     ap.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")

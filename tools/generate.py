@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 
 
+from retrodraft.tools.threads import passive_openmp
+
+passive_openmp()  # before torch: see tools/threads.py
+
 from retrodraft.decode import generate, load_model
 from retrodraft.retrieval import Datastore, DatastoreError
 

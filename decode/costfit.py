@@ -1,0 +1,171 @@
+"""Fitting cost curves to noisy timings: a non-decreasing fit, and online learners that fold
+each generation step's size and wall time into the curve (numpy only, no torch).
+
+Timings on a shared machine come with outliers (a neighbour's burst, a page fault) and with
+drift (the load changes over minutes). Everything here works on log seconds, uses medians
+of recent observations rather than means, and separates the two: a per-size median says
+what a forward of that size costs relative to the others (the curve's shape), one level
+says how fast the machine runs right now (the same for all sizes).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+WINDOW = 16  # recent observations per size bin: their median follows a change within ~8 steps at that size
+PRIOR_WEIGHT = 2  # copies of a measured prior among each size's observations (1 for a noisy measurement)
+AGREE = 0.1  # log-seconds correction within which an unobserved size's prior keeps its full weight
+LEVEL_RATE = 0.5  # how fast the machine's level follows same-size drift (per step)
+LEVEL_CLIP = 0.3  # a single step moves the level by at most LEVEL_RATE * LEVEL_CLIP in log seconds
+MAX_COUNT = 1000  # evidence counted per bin, so a long history still yields to a changed machine within WINDOW
+HOST_WINDOW = 64  # recent (nodes, host time) pairs per drafter set
+
+
+def isotonic(y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """The non-decreasing sequence closest to ``y`` in weighted least squares
+    (pool-adjacent-violators). y, w: float [m], w > 0; returns float64 [m]."""
+    y = np.asarray(y, np.float64)
+    w = np.ones_like(y) if w is None else np.asarray(w, np.float64)
+    values: list[float] = []
+    weights: list[float] = []
+    counts: list[int] = []
+    for yi, wi in zip(y.tolist(), w.tolist()):
+        values.append(yi)
+        weights.append(wi)
+        counts.append(1)
+        # invariant: values is strictly increasing except possibly at its last pair
+        while len(values) > 1 and values[-2] > values[-1]:
+            v, wt, c = values.pop(), weights.pop(), counts.pop()
+            total = weights[-1] + wt
+            values[-1] = (values[-1] * weights[-1] + v * wt) / total
+            weights[-1] = total
+            counts[-1] += c
+    return np.repeat(np.array(values), counts)
+
+
+class CurveLearner:
+    """Log seconds of a verification step at each of ``sizes`` nodes, learned online.
+
+    The prior (a measurement, log seconds per size) counts as PRIOR_WEIGHT observations in
+    each size's median, so a wrong prior is overruled after a few steps at that size. Observations are stored relative to ``level``,
+    the machine's current speed: a step whose size bin has history and reads slower than
+    that history moves the level (clipped, so one outlier barely does), so a loaded machine
+    slows every size alike instead of distorting the shape.
+    """
+
+    def __init__(self, sizes: tuple[int, ...], prior: np.ndarray, prior_weight: int = PRIOR_WEIGHT):
+        self.sizes = np.asarray(sizes, np.int64)
+        self.prior = np.asarray(prior, np.float64)
+        self.prior_weight = prior_weight
+        self.windows = [deque(maxlen=WINDOW) for _ in sizes]
+        self.counts = np.zeros(len(sizes), np.int64)
+        self.level = 0.0
+        self._drifts: deque[float] = deque(maxlen=5)
+        self._fit: np.ndarray | None = None
+        self._mid = (self.sizes[1:] + self.sizes[:-1]) / 2  # bin boundaries: nearest size
+
+    def fitted(self) -> np.ndarray:
+        """float64 [len(sizes)]: non-decreasing log seconds per size, at level 0.
+
+        An observed size takes the median of its recent observations and PRIOR_WEIGHT copies
+        of the prior (so the prior decides until observations outnumber it, then only breaks
+        ties); an unobserved one takes the prior moved by the correction its observed
+        neighbours needed (interpolated), so a prior that is wrong everywhere is not kept
+        where no step happened to land."""
+        if self._fit is None:
+            seen = np.flatnonzero(self.counts > 0)
+            sure = np.flatnonzero(self.counts > self.prior_weight)  # observations outnumber the prior
+            shift = np.zeros(len(self.sizes))
+            if len(sure):
+                medians = np.array([np.median(self.windows[b]) for b in sure])
+                shift = np.interp(self.sizes, self.sizes[sure], medians - self.prior[sure])
+            guess = self.prior + shift  # the prior, moved as far as the well-observed sizes say it is off
+            est = guess.copy()
+            weight = self.prior_weight * np.minimum(1.0, AGREE / np.maximum(np.abs(shift), 1e-12))
+            for b in seen:
+                est[b] = np.median([*self.windows[b], *[guess[b]] * self.prior_weight])
+                weight[b] = self.prior_weight + min(int(self.counts[b]), MAX_COUNT)
+            self._fit = isotonic(est, weight)
+        return self._fit
+
+    def costs(self) -> np.ndarray:
+        """c at ``sizes``: fitted seconds relative to a 0-node step (c[0] = 1, non-decreasing)."""
+        f = self.fitted()
+        return np.exp(f - f[0])
+
+    def log_seconds(self, nodes: int) -> float:
+        """Predicted log seconds of a step of ``nodes`` nodes at the machine's current level."""
+        return self.level + float(np.interp(nodes, self.sizes, self.fitted()))
+
+    def observe(self, nodes: int, seconds: float) -> None:
+        """Fold in one step of ``nodes`` nodes that took ``seconds``."""
+        if not (seconds > 0 and np.isfinite(seconds)):
+            return
+        b = int(np.searchsorted(self._mid, nodes))
+        f = self.fitted()
+        # the observation restated at the bin's size, along the current curve
+        x = np.log(seconds) - (float(np.interp(nodes, self.sizes, f)) - f[b])
+        win = self.windows[b]
+        if len(win) >= 3:
+            # the median of the last few drifts: one outlier does not move the level, a lasting change does
+            self._drifts.append(x - self.level - float(np.median(win)))
+            self.level += LEVEL_RATE * float(np.clip(np.median(self._drifts), -LEVEL_CLIP, LEVEL_CLIP))
+        win.append(x - self.level)
+        self.counts[b] += 1
+        self._fit = None
+
+    def state(self) -> dict:
+        """What to persist: each bin's recent observations and evidence count."""
+        return {"windows": [[round(v, 6) for v in w] for w in self.windows], "counts": self.counts.tolist()}
+
+    def restore(self, state: dict) -> None:
+        """Take back a ``state()``; raises ValueError (and changes nothing) if it does not fit."""
+        windows, counts = state.get("windows"), state.get("counts")
+        if not isinstance(windows, list) or not isinstance(counts, list) or not (
+                len(windows) == len(counts) == len(self.sizes)):
+            raise ValueError(f"learned state has {len(windows or [])} bins, expected {len(self.sizes)}")
+        values = [np.asarray(w, np.float64) for w in windows]
+        if any(v.ndim != 1 or len(v) > WINDOW or not np.all(np.isfinite(v)) or np.any(np.abs(v) > 20) for v in values):
+            raise ValueError("learned state holds non-finite or absurd log seconds")
+        if any(not isinstance(c, int) or c < len(v) for c, v in zip(counts, values)):
+            raise ValueError("learned state's counts do not match its observations")
+        for win, v in zip(self.windows, values):
+            win.clear()
+            win.extend(v.tolist())
+        self.counts = np.asarray(counts, np.int64)
+        self._fit = None
+
+
+class HostLearner:
+    """Host time per step (drafting, fusion, bookkeeping: everything but the verification
+    step) in units of a 0-node forward, as d(n) = d0 + d1 * n with d0, d1 >= 0: a robust
+    line (median of pairwise slopes) through the last HOST_WINDOW steps."""
+
+    def __init__(self):
+        self.window: deque[tuple[int, float]] = deque(maxlen=HOST_WINDOW)
+        self._line: tuple[float, float] | None = None
+
+    def observe(self, nodes: int, units: float) -> None:
+        if units >= 0 and np.isfinite(units):
+            self.window.append((nodes, units))
+            self._line = None
+
+    def line(self) -> tuple[float, float]:
+        """(d0, d1); (0, 0) before any observation."""
+        if self._line is None:
+            if not self.window:
+                self._line = (0.0, 0.0)
+            else:
+                n, u = (np.array(v, np.float64) for v in zip(*self.window))
+                dn, du = n[None, :] - n[:, None], u[None, :] - u[:, None]
+                apart = dn > 0
+                slope = max(0.0, float(np.median(du[apart] / dn[apart]))) if apart.any() else 0.0
+                self._line = (max(0.0, float(np.median(u - slope * n))), slope)
+        return self._line
+
+    def overhead(self, n_max: int) -> np.ndarray:
+        """float64 [n_max + 1]: d(n) for n = 0 .. n_max."""
+        d0, d1 = self.line()
+        return d0 + d1 * np.arange(n_max + 1)

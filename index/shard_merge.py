@@ -1,0 +1,135 @@
+"""REST continuations over several suffix arrays, equal to those of one suffix array over all.
+
+A sharded datastore holds k shards, each a stream (documents followed by -1) with its own
+suffix array. One datastore over the same documents would hold them in one stream, in
+"document order": the order of a key per document (the sequence number of its source file;
+all records of a file live in one shard, in order). ``index.suffix_array.continuations``
+samples the occurrences of a match at evenly spaced ranks of that one suffix array, so the
+merge must walk the shards' ranges in the one array's order:
+
+- tokens compare by id, a separator sorts below every token (as in ``suffix_array``);
+- two suffixes equal up to a separator each (same offset) compare by where those
+  separators would sit in the one stream: by the key of the document they end.
+
+Within a shard the suffix array already has that order (its documents are in document
+order). Positions handed out are "virtual": ``bases[s] + position in shard s``.
+"""
+
+import numba
+import numpy as np
+
+from retrodraft.index.suffix_array import counted_tree
+
+
+def merged_continuations(
+    streams,
+    sas,
+    offsets,
+    keys,
+    bases: np.ndarray,
+    los: np.ndarray,
+    his: np.ndarray,
+    length: int,
+    max_positions: int,
+    depth: int,
+    budget: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``suffix_array.continuations`` over the union of the ranges ``sas[s][los[s]:his[s]]``.
+
+    ``streams``/``sas``/``offsets``/``keys``: numba typed Lists, one entry per shard, of
+    read-only contiguous int32 streams, int64 suffix arrays, int64 doc offsets
+    [docs + 1] and int64 document keys [docs] (strictly increasing within a shard, distinct
+    across shards). ``bases`` int64 [k]: virtual start of each shard. ``los``/``his`` int64
+    [k]: each shard's range of the ``length``-token match (lo == hi where a shard has none).
+    Returns (tokens int32, parents int32, scores float32, origins int64 virtual positions),
+    equal to what one suffix array over all documents in document order would give.
+    """
+    r = int(np.sum(his - los))
+    m = min(max_positions, r)
+    k = min(budget, m * depth)
+    tokens = np.empty(k, np.int32)
+    parents = np.empty(k, np.int32)
+    scores = np.empty(k, np.float32)
+    origins = np.empty(k, np.int64)
+    if k:
+        k = _merged(streams, sas, offsets, keys, bases, los, his, length, m, depth, tokens, parents, scores, origins)
+    return tokens[:k], parents[:k], scores[:k], origins[:k]
+
+
+@numba.njit(cache=True, nogil=True)
+def _precedes(streams, offsets, keys, s, p, t, q, d):
+    """Whether suffix p of shard s sorts before suffix q of shard t (s != t); the first d
+    symbols are known equal."""
+    a_stream, b_stream = streams[s], streams[t]
+    while True:
+        # Every stream ends with a separator, so p + d and q + d stay inside.
+        a, b = a_stream[p + d], b_stream[q + d]
+        if a < 0 or b < 0:
+            if a >= 0:
+                return False
+            if b >= 0:
+                return True
+            da = np.searchsorted(offsets[s], p + d, side="right") - 1
+            db = np.searchsorted(offsets[t], q + d, side="right") - 1
+            return keys[s][da] < keys[t][db]
+        if a != b:
+            return a < b
+        d += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _smallest_two(streams, sas, offsets, keys, ptr, his, length):
+    """Shards holding the smallest and second smallest head (-1 where none)."""
+    best, second = -1, -1
+    for s in range(ptr.shape[0]):
+        if ptr[s] >= his[s]:
+            continue
+        if best < 0 or _precedes(streams, offsets, keys, s, sas[s][ptr[s]], best, sas[best][ptr[best]], length):
+            best, second = s, best
+        elif second < 0 or _precedes(streams, offsets, keys, s, sas[s][ptr[s]], second, sas[second][ptr[second]], length):
+            second = s
+    return best, second
+
+
+@numba.njit(cache=True, nogil=True)
+def _merged(streams, sas, offsets, keys, bases, los, his, length, m, depth, tokens, parents, scores, origins):
+    r = 0
+    for s in range(los.shape[0]):
+        r += his[s] - los[s]
+    ptr = los.copy()
+    # The sampled continuations, copied into one scratch stream (each followed by -1), so
+    # the one-stream trie builder sees exactly what it would see in one datastore.
+    scratch = np.empty(m * (depth + 1), np.int32)
+    where = np.empty(m * (depth + 1), np.int64)
+    starts = np.empty(m, np.int64)
+    best, second = _smallest_two(streams, sas, offsets, keys, ptr, his, length)
+    w = 0
+    i = 0
+    for g in range(r):
+        if g == i * r // m:
+            stream = streams[best]
+            p0 = sas[best][ptr[best]] + length
+            starts[i] = w
+            for d in range(depth):
+                p = p0 + d
+                if p >= stream.shape[0] or stream[p] < 0:
+                    break
+                scratch[w] = stream[p]
+                where[w] = bases[best] + p
+                w += 1
+            scratch[w] = -1
+            where[w] = -1
+            w += 1
+            i += 1
+            if i == m:
+                break
+        ptr[best] += 1
+        # A run from one shard costs one comparison per element; a change of shard, a rescan.
+        if ptr[best] < his[best] and (second < 0 or _precedes(
+                streams, offsets, keys, best, sas[best][ptr[best]], second, sas[second][ptr[second]], length)):
+            continue
+        best, second = _smallest_two(streams, sas, offsets, keys, ptr, his, length)
+    k = counted_tree(scratch[:w], starts, depth, tokens, parents, scores, origins)
+    for j in range(k):
+        origins[j] = where[origins[j]]
+    return k
