@@ -13,6 +13,11 @@ occurrences followed by a token), for every kept token x:
   counts[x] - errors[x] <= true count of x <= counts[x],   errors[x] <= T / top_k,
 and every token whose true count exceeds T / top_k is kept. Nothing is ever replaced while
 an n-gram has at most ``top_k`` distinct continuations, so its counts are exact.
+
+With ``max_ngrams`` set the number of n-grams is bounded too, so the whole table lives in
+fixed memory (``bytes_for``): when it is full, the half of its n-grams with the fewest
+occurrences is dropped (the long tail that repeats stays; one-off n-grams come and go). The
+guarantee above then holds for an n-gram's occurrences since it was last (re)inserted.
 """
 
 from __future__ import annotations
@@ -163,14 +168,19 @@ class NgramTable:
     estimates beyond (see the module docstring for the guarantee).
     """
 
-    def __init__(self, max_n: int = 4, top_k: int = 8, capacity: int = 1024) -> None:
-        """An empty table with room for ``capacity`` n-grams before it first grows."""
+    def __init__(self, max_n: int = 4, top_k: int = 8, capacity: int = 1024, max_ngrams: int | None = None) -> None:
+        """An empty table with room for ``capacity`` n-grams before it first grows, and never
+        more than ``max_ngrams`` of them (None: unbounded; else at least 4 * max_n)."""
         if max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {max_n}")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if max_ngrams is not None and max_ngrams < 4 * max_n:
+            raise ValueError(f"max_ngrams must be at least 4 * max_n = {4 * max_n}, got {max_ngrams}")
+        if max_ngrams is not None:
+            capacity = min(capacity, max_ngrams)
         slots = 1 << max(1, int(2 * capacity - 1).bit_length())
         self._a = {
             "slots": np.full((slots, max_n + 1), -1, np.int32),
@@ -180,6 +190,7 @@ class NgramTable:
         }
         self._used = 0
         self._owned = True
+        self.max_ngrams = max_ngrams
         self._out_tokens = np.empty(top_k, np.int32)
         self._out_counts = np.empty(top_k, np.int32)
 
@@ -201,6 +212,32 @@ class NgramTable:
     def __len__(self) -> int:
         """Number of distinct n-grams stored."""
         return self._used
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the table's arrays take now (allocated, not only used)."""
+        return sum(v.nbytes for v in self._a.values())
+
+    @staticmethod
+    def bytes_for(max_ngrams: int, max_n: int = 4, top_k: int = 8) -> int:
+        """The most bytes a table bounded to ``max_ngrams`` n-grams ever takes."""
+        slots = 1 << int(2 * max_ngrams - 1).bit_length()
+        return 4 * slots * (max_n + 1) + 12 * top_k * (max_ngrams + max_n) + 4 * max_n + 8
+
+    @staticmethod
+    def ngrams_for(nbytes: int, max_n: int = 4, top_k: int = 8) -> int:
+        """The largest ``max_ngrams`` whose table fits in ``nbytes`` (ValueError if none does)."""
+        lo, hi = 4 * max_n, max(4 * max_n, nbytes)
+        if NgramTable.bytes_for(lo, max_n, top_k) > nbytes:
+            raise ValueError(f"{nbytes} bytes cannot hold an n-gram table (at least "
+                             f"{NgramTable.bytes_for(lo, max_n, top_k)} needed)")
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if NgramTable.bytes_for(mid, max_n, top_k) <= nbytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def update(self, tokens) -> None:
         """Append ``tokens`` to the stream and count the n-grams they complete.
@@ -235,17 +272,38 @@ class NgramTable:
         a["seen"][0] += new.shape[0]
 
     def _grow(self) -> None:
-        """Room for max_n more n-grams: slots x2 past half full, value rows x1.5 when full."""
+        """Room for max_n more n-grams: slots x2 past half full, value rows x1.5 when full,
+        up to max_ngrams; past it, evict."""
         a, need = self._a, self._used + self.max_n
+        if self.max_ngrams is not None and self._used + self.max_n > self.max_ngrams:
+            self._evict()
+            return
+        cap = self.max_ngrams or need
         if need > a["slots"].shape[0] * _MAX_LOAD:
             bigger = np.full((2 * a["slots"].shape[0], self.max_n + 1), -1, np.int32)
             _rehash(a["slots"], bigger)
             a["slots"] = bigger
         if need > a["tokens"].shape[0]:
-            values = _values(max(need, a["tokens"].shape[0] * 3 // 2), self.top_k)
+            values = _values(min(max(need, a["tokens"].shape[0] * 3 // 2), cap + self.max_n), self.top_k)
             for name, v in values.items():
                 v[: self._used] = a[name][: self._used]
             a.update(values)
+
+    def _evict(self) -> None:
+        """Keep the max_ngrams // 2 n-grams with the most occurrences (ties: the older)."""
+        a, m, width = self._a, self._used, self.max_n
+        keep = np.sort(np.argsort(-a["counts"][:m].sum(1, dtype=np.int64), kind="stable")[: self.max_ngrams // 2])
+        row = np.full(m, -1, np.int32)
+        row[keep] = np.arange(keep.shape[0], dtype=np.int32)
+        fresh = _values(m - keep.shape[0], self.top_k)
+        for name in ("tokens", "counts", "errors"):
+            a[name][: keep.shape[0]] = a[name][keep]
+            a[name][keep.shape[0] : m] = fresh[name]
+        live = a["slots"][a["slots"][:, width] >= 0]
+        live[:, width] = row[live[:, width]]
+        a["slots"][:] = -1
+        _rehash(live[live[:, width] >= 0], a["slots"])
+        self._used = int(keep.shape[0])
 
     def lookup(self, context) -> tuple[int, np.ndarray, np.ndarray]:
         """Continuations of the longest suffix of ``context`` (at most max_n tokens) seen.
@@ -275,8 +333,9 @@ class NgramTable:
         return {name: v[: self._used] if name in rows else v for name, v in self._a.items()}
 
     @classmethod
-    def from_state(cls, arrays: dict[str, np.ndarray]) -> NgramTable:
-        """A table reading ``arrays`` from ``state()`` in place (read-only is fine).
+    def from_state(cls, arrays: dict[str, np.ndarray], max_ngrams: int | None = None) -> NgramTable:
+        """A table reading ``arrays`` from ``state()`` in place (read-only is fine), bounded
+        to ``max_ngrams`` from its next update on (see ``__init__``).
 
         The arrays are never written: the first ``update`` copies them. Names, dtypes and
         shapes are checked (ValueError), contents are trusted, so opening a memory-mapped
@@ -311,6 +370,7 @@ class NgramTable:
         table._a = a
         table._used = m
         table._owned = False
+        table.max_ngrams = max_ngrams
         table._out_tokens = np.empty(top_k, np.int32)
         table._out_counts = np.empty(top_k, np.int32)
         return table

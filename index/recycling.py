@@ -151,6 +151,7 @@ class TokenRecycling:
             raise ValueError(f"vocab_size and k must be >= 1, got {vocab_size} and {k}")
         self._check_rates(top1_rate, rank_decay)
         self._rows = np.full((vocab_size, k), -1, np.int32)
+        self._touched = np.zeros(vocab_size, bool)  # rows updated since take_touched()
         self._weights = (-math.log(top1_rate), -math.log(rank_decay))
 
     @staticmethod
@@ -194,6 +195,17 @@ class TokenRecycling:
                 f"got {list(top.shape)}"
             )
         _update(self._rows, inputs, top)
+        self._touched[inputs] = True
+
+    def take_touched(self) -> np.ndarray:
+        """int64 [m]: the rows updated since the last call (ascending), and forget them."""
+        rows = np.flatnonzero(self._touched)
+        self._touched[rows] = False
+        return rows
+
+    def set_rows(self, tokens: np.ndarray, rows: np.ndarray) -> None:
+        """Row ``tokens[i]`` becomes ``rows[i]`` (as learned elsewhere), not marked touched."""
+        self._rows[np.asarray(tokens, np.int64)] = rows
 
     def draft(self, last_token: int, budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ``budget`` best-scoring nodes of the tree grown from ``last_token`` by rows.

@@ -387,6 +387,11 @@ class SuffixTree:
         """Live nodes, not counting the root."""
         return int(self._meta[M_NODE_LIVE])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tree's arrays take now (allocated, not only used)."""
+        return self._nodes.nbytes + self._table.nbytes + self._entries.nbytes + self._seqs.nbytes + self._meta.nbytes
+
     def __len__(self) -> int:
         """Live tokens over all sequences (never more than max_tokens)."""
         return int(self._nodes[ROOT, CNT])

@@ -17,6 +17,8 @@ from retrodraft.retrieval.errors import (
     StaleDatastoreError,
     TokenizerMismatchError,
 )
+from retrodraft.retrieval.learned import ScopeError
+from retrodraft.retrieval.online import LearnedMemory
 from retrodraft.retrieval.speculator import Span, Speculator, choose_budget
 from retrodraft.retrieval.store import Datastore
 from retrodraft.retrieval.tree import DraftTree, fuse, prune
@@ -27,5 +29,5 @@ __all__ += [
     "Datastore", "DatastoreError", "DatastorePermissionError", "CorruptDatastoreError", "FormatVersionError",
     "IncompleteDatastoreError", "KeyModelMismatchError", "MissingKeysError", "ReadOnlyDatastoreError",
     "ShardTooLargeError", "StaleDatastoreError", "TokenizerMismatchError", "tokenizer_fingerprint", "BuildStats",
-    "Document", "EmptyCorpusError", "SkipCounts", "iter_documents",
+    "Document", "EmptyCorpusError", "SkipCounts", "iter_documents", "ScopeError", "LearnedMemory",
 ]

@@ -6,12 +6,14 @@ shared across calls, such as a datastore's, are passed in and updated in place).
 
 from __future__ import annotations
 
+import heapq
 from typing import Protocol, Sequence
 
 import numpy as np
 
 from retrodraft.index import suffix_array
 from retrodraft.index.lookup import suffix_occurrences
+from retrodraft.index.ngram import NgramTable
 from retrodraft.index.recycling import TokenRecycling
 from retrodraft.index.suffix_tree import SuffixTree
 from retrodraft.index.trie import build_trie
@@ -205,6 +207,76 @@ class SuffixDrafter:
         if self._output_seq is None or self._output_seq not in self.output_tree:
             self._output_seq = self.output_tree.add_sequence()
         self.output_tree.append(self._output_seq, accepted)
+
+
+# N-gram priors per matched context length (index = n): set by hand between the suffix
+# tree's and the corpus's (calibration learns the real rates per call).
+NGRAM_FIRST = (0.0, 0.1, 0.3, 0.45, 0.6)
+NGRAM_DECAY = (0.0, 0.5, 0.7, 0.8, 0.85)
+
+
+class NgramDrafter:
+    """The most frequent continuations of the longest context (up to the table's max_n
+    tokens) in a shared n-gram table over past outputs (``table``, which it also feeds), as
+    a tree: each node is expanded by looking up its own context, best first by the product
+    of count ratios along its path times the prior for the root's match length.
+
+    The table keeps the long tail the suffix tree's window has forgotten, in fixed memory,
+    at the price of short contexts.
+    """
+
+    name = "ngram"
+    needs_topk = False
+
+    def __init__(self, table: NgramTable, min_n: int = 2, depth: int = 8,
+                 first: Sequence[float] = NGRAM_FIRST, decay: Sequence[float] = NGRAM_DECAY):
+        if not 1 <= min_n <= table.max_n:
+            raise ValueError(f"need 1 <= min_n <= the table's max_n {table.max_n}, got {min_n}")
+        self.table, self.min_n, self.depth, self.first, self.decay = table, min_n, depth, first, decay
+        self._started = False
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        if budget <= 0 or len(self.table) == 0:
+            return DraftTree.empty()
+        k = self.table.max_n
+        tail = context[-k:]
+        m, toks, cnts = self.table.lookup(tail)
+        if m < self.min_n:
+            return DraftTree.empty()
+        # heap entries: (-score, push order, token, parent node, that node's context, depth)
+        heap: list = []
+        pushes = 0
+
+        def push(parent: int, ctx: np.ndarray, toks: np.ndarray, cnts: np.ndarray, score: float, depth: int) -> None:
+            nonlocal pushes
+            total = float(cnts.sum())
+            for t, c in zip(toks.tolist(), cnts.tolist()):
+                heapq.heappush(heap, (-score * c / total, pushes, t, parent, ctx, depth))
+                pushes += 1
+
+        push(-1, tail, toks, cnts, 1.0, 1)
+        tokens, parents, scores = [], [], []
+        while heap and len(tokens) < budget:
+            neg, _, t, parent, ctx, depth = heapq.heappop(heap)
+            tokens.append(t)
+            parents.append(parent)
+            scores.append(-neg)
+            if depth < self.depth:
+                child = np.append(ctx, np.int32(t))[-k:]
+                n, toks, cnts = self.table.lookup(child)
+                if n >= self.min_n:
+                    push(len(tokens) - 1, child, toks, cnts, -neg, depth + 1)
+        parents_a = np.array(parents, np.int32)
+        scores_a = _prior(np.array(scores, np.float32), parents_a, _table(self.first, m), _table(self.decay, m))
+        n = len(tokens)
+        return DraftTree(np.array(tokens, np.int32), parents_a, scores_a, np.zeros(n, np.uint8), np.full(n, -1, np.int64))
+
+    def observe(self, context: np.ndarray, accepted: np.ndarray, topk: np.ndarray | None) -> None:
+        """Count the accepted tokens, the call's output beginning a new document."""
+        if not self._started:
+            self._started = True
+            accepted = np.concatenate(([-1], accepted)).astype(np.int32)
+        self.table.update(accepted)
 
 
 # Corpus priors per match length (REST): short matches in a large corpus say little.

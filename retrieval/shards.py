@@ -96,8 +96,7 @@ class ShardedDatastore(Datastore):
 
     def _attach(self, path: Path, readonly: bool) -> None:
         self.path, self.readonly = path, readonly
-        self._online = None
-        self._outputs = []
+        self._learned = None
         self._env, self._arrays, self.shards, self.index = None, None, [], None
         self.meta = read_manifest(path)
         data = path / "meta.lmdb" / "data.mdb"

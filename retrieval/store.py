@@ -19,7 +19,6 @@ import numpy as np
 
 from retrodraft.retrieval.arrow_files import map_arrays
 from retrodraft.retrieval.build import BuildStats, tokenizer_info, write_version
-from retrodraft.retrieval.calibration import Calibrator
 from retrodraft.retrieval.corpus import Document, SkipCounts
 from retrodraft.retrieval.drafters import CorpusDrafter, Drafter
 from retrodraft.retrieval.errors import (
@@ -33,16 +32,15 @@ from retrodraft.retrieval.errors import (
     StaleDatastoreError,
     TokenizerMismatchError,
 )
+from retrodraft.retrieval import learned
 from retrodraft.retrieval.layout import (
     BUILD, DBS, FORMAT_VERSION, MAP_SIZE, REBUILD, check_lmdb_header, check_marker, key, pack, unpack,
 )
 from retrodraft.retrieval.manifest import is_sharded
-from retrodraft.retrieval.online import OnlineState
+from retrodraft.retrieval.online import LearnedMemory, OnlineState
 from retrodraft.retrieval.swap import tidy_if_idle
 
 log = logging.getLogger(__name__)
-
-ONLINE_STATE = "online"  # what generation learns: outputs, lengths, recycling, calibration_*
 
 
 class Location(NamedTuple):
@@ -77,8 +75,14 @@ class Datastore:
     stats: BuildStats | None
 
     @classmethod
-    def open(cls, path: str | os.PathLike, readonly: bool = True, tokenizer=None) -> Datastore:
+    def open(cls, path: str | os.PathLike, readonly: bool = True, tokenizer=None, *,
+             scope: str = learned.DEFAULT_SCOPE, memory: LearnedMemory | int | None = None) -> Datastore:
         """Open the datastore at ``path``, checking it before anything is read from it.
+
+        ``scope`` names whose learned state (past outputs, recycling, calibration) this
+        object drafts from and commits to, over the shared corpus: outputs learned in one
+        scope are never drafted in another. ``memory``: bytes the past outputs may take in
+        this process (``retrieval.online.LearnedMemory``; an int is a total, None the default).
 
         A directory with a manifest opens as a ``shards.ShardedDatastore`` (every shard
         opened and checked, learned state in one place). Otherwise verifies the datastore's
@@ -99,9 +103,10 @@ class Datastore:
         if cls is Datastore and is_sharded(path):
             from retrodraft.retrieval.shards import ShardedDatastore
 
-            return ShardedDatastore.open(path, readonly, tokenizer)
+            return ShardedDatastore.open(path, readonly, tokenizer, scope=scope, memory=memory)
         tidy_if_idle(path)
         ds = cls.__new__(cls)
+        ds.scope, ds.memory = learned.check_scope(scope), LearnedMemory.of(memory)
         ds._attach(path, readonly)
         ds.stats = None
         if tokenizer is not None:
@@ -335,30 +340,23 @@ class Datastore:
     # ---- drafting ----------------------------------------------------------------------------
 
     def online(self, vocab_size: int) -> OnlineState:
-        """What generation learned with this datastore (past outputs, recycling matrix),
-        loaded on first use and shared by every call in this process."""
-        if self._online is None:
-            saved = self.load_state(ONLINE_STATE) or {}
-            outputs = _saved_outputs(saved, vocab_size, self.path)
-            rows = saved.get("recycling")
-            calibration = {k[len("calibration_"):]: v for k, v in saved.items() if k.startswith("calibration_")}
-            if rows is not None and rows.shape[0] != vocab_size:
-                raise ValueError(f"the datastore's recycling matrix has {rows.shape[0]} rows, the model's "
-                                 f"vocabulary {vocab_size}: was it built for another model?")
-            try:
-                Calibrator.from_state(calibration) if calibration else None
-            except (ValueError, KeyError) as e:
-                # Kept, it would switch speculation off and be written back by every commit.
-                log.warning("the score calibration saved in %s is invalid (%s): starting it afresh", self.path, e)
-                calibration = {}
-            self._online = OnlineState(vocab_size, outputs=outputs, recycling_rows=rows, calibration=calibration)
-            self._outputs = outputs
-        return self._online
+        """What generation learned in this datastore's scope (past outputs, recycling matrix,
+        calibration), loaded on first use and shared by every call in this process."""
+        if self._learned is None:
+            self._learned = learned.ScopeState(self._live_env(), self._dbs[b"state"], self.scope, vocab_size,
+                                               self.memory, not self.readonly)
+        elif self._learned.vocab_size != vocab_size:
+            raise ValueError(f"this datastore's learned state is loaded for a vocabulary of "
+                             f"{self._learned.vocab_size} tokens, not {vocab_size}: one model per open datastore")
+        return self._learned.online
 
     def drafters(self, vocab_size: int) -> list[Drafter]:
-        """Fresh per-call drafters: the corpus (REST over the suffix array), past outputs
-        and token recycling."""
-        return [self._corpus_drafter(), *self.online(vocab_size).drafters()]
+        """Fresh per-call drafters: the corpus (REST over the suffix array) and the scope's
+        learned ones (past outputs, n-grams of them, token recycling), after bringing in
+        what other processes committed to the scope since the last call."""
+        state = self.online(vocab_size)
+        self._learned.refresh()
+        return [self._corpus_drafter(), *state.drafters()]
 
     def _corpus_drafter(self) -> Drafter:
         return CorpusDrafter(self.tokens, self.suffix_array, self._source)
@@ -369,25 +367,48 @@ class Datastore:
         return (loc.path if loc.record == 0 else f"{loc.path}#{loc.record}"), loc.offset
 
     def commit(self, output: np.ndarray) -> None:
-        """Persist one call's output, the recycling matrix and the score calibration, in one
-        write transaction.
-
-        Keeps the newest outputs within the suffix tree's token budget. Does nothing on a
-        read-only datastore (what was learned then lives only in this process).
-        """
-        if self.readonly or self._online is None:
+        """Merge what this process learned since its last commit into the scope: ``output``
+        (one call's new tokens) appended to the log, the recycling rows it touched, its
+        calibration counts added; one write transaction whose cost grows with that, not with
+        the stored state (see ``retrieval.learned``). Does nothing on a read-only datastore
+        (what was learned then lives only in this process). StaleDatastoreError if the
+        datastore at the path was replaced since this object opened it."""
+        if self.readonly or self._learned is None:
             return
-        self._outputs.append(np.asarray(output, np.int32).copy())
-        budget = self._online.output_tree.max_tokens
-        while sum(len(o) for o in self._outputs) > budget:
-            self._outputs.pop(0)
-        lengths = np.array([len(o) for o in self._outputs], np.int64)
-        self.save_state(ONLINE_STATE, {
-            "outputs": np.concatenate(self._outputs) if self._outputs else np.empty(0, np.int32),
-            "lengths": lengths,
-            "recycling": self._online.recycling.state()["rows"],
-            **{f"calibration_{k}": v for k, v in self._online.calibrator.state().items()},
-        })
+        self._writable("commit to")
+        self._learned.commit(output, check=self._check_current)
+
+    def scopes(self) -> list[str]:
+        """Names of the scopes that hold learned state, sorted."""
+        with self._live_env().begin() as txn:
+            return learned.scopes(txn, self._dbs[b"state"])
+
+    def scope_sizes(self, scope: str | None = None) -> dict[str, tuple[int, int]]:
+        """(records, bytes) stored per kind of record of ``scope`` (default: this object's)."""
+        with self._live_env().begin() as txn:
+            return learned.scope_sizes(txn, self._dbs[b"state"], scope or self.scope)
+
+    def export_scope(self, path: str | os.PathLike, scope: str | None = None) -> dict[str, int]:
+        """Write a scope's learned state (default: this object's) to ``path`` (.npz); see
+        ``retrieval.learned.export``. ScopeError if the scope holds nothing."""
+        return learned.export(self._live_env(), self._dbs[b"state"], scope or self.scope, path)
+
+    def forget(self, scope: str | None = None) -> int:
+        """Delete a scope's learned state (default: this object's) in one transaction;
+        returns the records deleted. Needs readonly=False; ScopeError if it holds nothing.
+        This object's loaded state is dropped if it was that scope."""
+        env = self._writable("forget a scope of")
+        scope = scope or self.scope
+        n = learned.forget(env, self._dbs[b"state"], scope)
+        if scope == self.scope:
+            self._learned = None
+        return n
+
+    def compact(self, scope: str | None = None) -> dict[str, int]:
+        """Fold a scope's output log into its n-gram snapshot and drop the entries older than
+        the suffix window (``retrieval.learned.compact``). Needs readonly=False."""
+        env = self._writable("compact")
+        return learned.compact(env, self._dbs[b"state"], scope or self.scope, self.memory)
 
     # ---- lifetime --------------------------------------------------------------------------
 
@@ -406,13 +427,13 @@ class Datastore:
 
     def __repr__(self) -> str:
         state = "closed" if self._env is None else "read-only" if self.readonly else "writable"
-        return f"Datastore({str(self.path)!r}, {self.num_documents} documents, {self.num_tokens} tokens, {state})"
+        return (f"Datastore({str(self.path)!r}, {self.num_documents} documents, {self.num_tokens} tokens, "
+                f"scope {self.scope!r}, {state})")
 
     def _attach(self, path: Path, readonly: bool) -> None:
         self.path, self.readonly = path, readonly
-        self._online: OnlineState | None = None
+        self._learned: learned.ScopeState | None = None
         self._nest = None
-        self._outputs: list[np.ndarray] = []
         self._env, self._arrays = None, None
         self._checked = weakref.WeakSet()  # tokenizers check_model has verified
         if not path.is_dir():
@@ -514,23 +535,6 @@ def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
         return lmdb.open(where, readonly=True, lock=False, max_dbs=len(DBS), map_size=MAP_SIZE, create=False)
     except lmdb.Error as e:
         raise CorruptDatastoreError(f"{where} cannot be opened ({e}); {REBUILD.format(path)}") from e
-
-
-def _saved_outputs(saved: dict, vocab_size: int, path: Path) -> list[np.ndarray]:
-    """The past outputs in ``saved`` online state, split by their lengths; ValueError naming
-    the datastore if they hold ids outside [0, vocab_size) (saved with another model)."""
-    if "outputs" not in saved:
-        return []
-    outputs, lengths = saved["outputs"], saved.get("lengths", np.zeros(0, np.int64))
-    if outputs.ndim != 1 or lengths.ndim != 1 or (lengths < 0).any() or lengths.sum() != outputs.shape[0]:
-        raise CorruptDatastoreError(f"the past outputs saved in {path} do not match their lengths; {REBUILD.format(path)}")
-    if outputs.size and (outputs.min() < 0 or outputs.max() >= vocab_size):
-        raise ValueError(
-            f"the past outputs saved in the datastore at {path} hold token ids in [{outputs.min()}, {outputs.max()}], "
-            f"outside the model's vocabulary [0, {vocab_size}): they were generated by another model"
-        )
-    bounds = np.concatenate(([0], np.cumsum(lengths)))
-    return [outputs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _state_prefix(name: str) -> bytes:

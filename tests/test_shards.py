@@ -115,13 +115,13 @@ def test_documents_and_locate_match_one_datastore(stores, corpus):
 def test_learned_state_lives_in_the_manifest_lmdb(stores, tmp_path, tok):
     path = tmp_path / "s"
     shutil.copytree(stores / "s4", path)
-    with Datastore.open(path, readonly=False, tokenizer=tok) as ds:
+    with Datastore.open(path, readonly=False, tokenizer=tok, scope="team-a") as ds:
         ds.online(len(tok))
         ds.commit(np.array([1, 2, 3], np.int32))
-        assert ds.load_state("online")["outputs"].tolist() == [1, 2, 3]
-        assert all(s.load_state("online") is None for s in ds.shards)
-    with Datastore.open(path) as ds:
-        assert ds.load_state("online")["outputs"].tolist() == [1, 2, 3]
+        assert ds.scopes() == ["team-a"] and all(s.scopes() == [] for s in ds.shards)
+    with Datastore.open(path, scope="team-a") as ds:
+        ds.export_scope(tmp_path / "a.npz")
+        assert np.load(tmp_path / "a.npz")["outputs"].tolist() == [1, 2, 3]
 
 
 def test_append_goes_to_the_hashed_shard_and_stays_equal(stores, corpus, tmp_path, tok):

@@ -7,7 +7,8 @@ usage: python tools/bench.py [run] [--questions FILE] [--categories a,b] [--limi
        python tools/bench.py record --out TRACES.jsonl [--questions FILE] [--categories a,b]
                              [--limit N] [--max-new-tokens N] [--model DIR]
        python tools/bench.py replay [TRACES.jsonl] [--budgets 8,16,32,64,auto] [--datastore DIR]
-                             [--drafters prompt_lookup,suffix,recycling,corpus,nest] [--hidden]
+                             [--drafters prompt_lookup,suffix,ngram,recycling,corpus,nest] [--hidden]
+                             [--memory BYTES]
 
 run: methods interleaved per question, greedy, batch 1, the same max_new_tokens for all:
 vanilla `model.generate`, transformers' prompt lookup (prompt_lookup_num_tokens=10),
@@ -82,7 +83,7 @@ MT_BENCH = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", 
 SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_QUESTIONS = SHARED / "spec_bench" / "question.jsonl"
 DEFAULT_TRACES = SHARED / "traces" / "smollm2_specbench_dev.jsonl"
-DRAFTERS = ("prompt_lookup", "suffix", "recycling", "corpus", "nest")
+DRAFTERS = ("prompt_lookup", "suffix", "ngram", "recycling", "corpus", "nest")
 TRACE_TOPK = DEFAULT.topk  # the traces' top-k is what the recycling drafter learns from
 
 
@@ -288,12 +289,12 @@ def chart(result: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
-def open_datastore(path: str | None, tokenizer=None):
+def open_datastore(path: str | None, tokenizer=None, scope: str = "default"):
     if not path:
         return None
     from retrodraft.retrieval import Datastore
 
-    return Datastore.open(path, tokenizer=tokenizer)
+    return Datastore.open(path, tokenizer=tokenizer, scope=scope)
 
 
 @contextlib.contextmanager
@@ -313,7 +314,7 @@ def cpu_hogs(n: int) -> Iterator[list[subprocess.Popen]]:
 def run(args) -> None:
     questions = load_questions(args.questions, args.categories, args.limit)
     model, tok = load_model(args.model)
-    datastore = open_datastore(args.datastore, tok)
+    datastore = open_datastore(args.datastore, tok, args.scope)
     with cpu_hogs(args.hog):
         timed_run(args, questions, model, tok, datastore)
 
@@ -387,7 +388,7 @@ def replay(args) -> None:
     if not args.traces.is_file():
         sys.exit(f"no traces at {args.traces}: pass a JSONL file of recorded traces (tools/bench.py record)")
     traces = load_traces(args.traces)
-    datastore = open_datastore(args.datastore)
+    datastore = open_datastore(args.datastore, scope=args.scope)
     vocab = int(max(max(t.prompt.max(), t.output.max(), t.topk.max()) for t in traces)) + 1
     if args.hidden and (datastore is None or datastore.nest_index() is None):
         if datastore is not None:
@@ -415,7 +416,7 @@ def replay(args) -> None:
         rows.append([n for n in names if n != "nest"])  # the fused engine without NEST, beside it
     for chosen in rows:
         for b in budgets:
-            online = OnlineState(vocab)  # learned across the traces in file order, fresh per row
+            online = OnlineState(vocab, args.memory)  # learned across the traces in file order, fresh per row
 
             calibrator = online.calibrator if b == "auto" else None
             nest_model = model if "nest" in chosen else None
@@ -456,6 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     questions_options(p, 128)
     p.add_argument("--warmup", type=int, default=1, help="questions run first and not counted (default 1)")
     p.add_argument("--datastore", default=None, help="datastore directory for the corpus drafter and retrodraft")
+    p.add_argument("--scope", default="default", help="with --datastore: the scope whose learned state retrodraft "
+                   "starts from (opened read-only: nothing is written)")
     p.add_argument("--budget", type=int, default=None,
                    help="fixed draft tree size for our methods (default: automatic, from the cost curve)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (and the chart beside it)")
@@ -477,10 +480,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="JSONL traces with qid, cat, prompt, output, top8 (default: ../shared's)")
     p.add_argument("--budgets", default="8,16,32,64", help="comma-separated tree sizes and/or auto (default 8,16,32,64)")
     p.add_argument("--datastore", default=None, help="a datastore for the corpus drafter")
+    p.add_argument("--scope", default="default", help="with --datastore: its scope (replay learns in memory only)")
     p.add_argument("--drafters", default=",".join(DRAFTERS), help="which drafters to replay, comma-separated")
     p.add_argument("--hidden", action="store_true",
                    help="recompute the target's hidden states (one prefill per trace) so NEST replays too; "
                         "needs a --datastore with keys")
+    p.add_argument("--memory", type=int, default=None,
+                   help="bytes for past outputs (suffix window 2/3, n-gram table 1/3; default: LearnedMemory())")
     p.set_defaults(func=replay)
 
     args = ap.parse_args(argv)

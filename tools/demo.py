@@ -1,6 +1,6 @@
 """The main job: generate with retrieval drafting and print the speedup over model.generate.
 
-usage: python tools/demo.py [--model DIR] [--max-new-tokens N] [--datastore DIR] [--prompt TEXT]
+usage: python tools/demo.py [--model DIR] [--max-new-tokens N] [--datastore DIR [--scope NAME]] [--prompt TEXT]
 
 Runs plain greedy `model.generate` and `decode.generate` on the same prompt (built in by
 default: a request to restate a text, where copying pays), checks the outputs are identical,
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="local HF model directory (default SmolLM2-135M-Instruct)")
     ap.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     ap.add_argument("--datastore", default=None, help="a datastore built by tools/build_index.py")
+    ap.add_argument("--scope", default="default", help="with --datastore: whose learned state (past outputs, recycling, "
+                    "calibration) to draft from, over the shared corpus (default: default)")
     ap.add_argument("--prompt", default=BUILT_IN_PROMPT, help="the user message (default: a built-in one)")
     args = ap.parse_args(argv)
 
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.datastore:
         from retrodraft.retrieval import Datastore
 
-        datastore = Datastore.open(args.datastore, tokenizer=tok)
+        datastore = Datastore.open(args.datastore, tokenizer=tok, scope=args.scope)
     print("checking the cost curve of this model on this machine (measured once, then cached) ...")
     CostModel.of(model).warm()
     ids = chat_prompt(tok, args.prompt, chat=True)

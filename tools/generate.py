@@ -2,7 +2,8 @@
 
 usage: python tools/generate.py "PROMPT" [--model DIR] [--max-new-tokens N]
                                 [--sample --temperature T --top-k K --top-p P --seed S]
-                                [--reference FILE ...] [--datastore DIR] [--budget N] [--no-chat]
+                                [--reference FILE ...] [--datastore DIR [--scope NAME]] [--budget N]
+                                [--no-chat]
 
 The prompt goes through the model's chat template (unless --no-chat). Output is identical
 to the model's own greedy decoding (or follows its sampling distribution with --sample).
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reference", action="append", default=[], metavar="FILE",
                     help="a text file whose spans may be copied (repeatable)")
     ap.add_argument("--datastore", default=None, metavar="DIR", help="a datastore built by tools/build_index.py")
+    ap.add_argument("--scope", default="default", metavar="NAME", help="with --datastore: whose learned state (past outputs, recycling, calibration) "
+                    "to draft from and add to, over the shared corpus (default: default)")
     ap.add_argument("--budget", type=int, default=None, help="draft tree nodes per step (default: automatic)")
     ap.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
     args = ap.parse_args(argv)
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, tokenizer = load_model(args.model)
         # writable, so the datastore keeps what this call learns (past outputs, recycling)
-        datastore = Datastore.open(args.datastore, readonly=False, tokenizer=tokenizer) if args.datastore else None
+        datastore = Datastore.open(args.datastore, readonly=False, tokenizer=tokenizer,
+                                   scope=args.scope) if args.datastore else None
         ids = chat_prompt(tokenizer, prompt, chat=not args.no_chat)
         start = time.perf_counter()
         out = generate(

@@ -188,3 +188,27 @@ def test_empty_and_invalid_inputs():
         NgramTable.from_state({**state, "slots": state["slots"][:-1]})
     with pytest.raises(ValueError, match="inconsistent"):
         NgramTable.from_state({**state, "tail": state["tail"][:-1]})
+
+
+def test_bounded_table_keeps_frequent_ngrams_in_fixed_memory():
+    rng = np.random.default_rng(1)
+    table = NgramTable(max_n=2, top_k=4, capacity=16, max_ngrams=64)
+    frequent = np.array([40, 41, 42, 43], np.int32)
+    for _ in range(300):  # a repeated phrase among a stream of one-off n-grams
+        table.update(np.concatenate([[-1], frequent, rng.integers(100, 10_000, 6)]).astype(np.int32))
+        assert len(table) <= 64 and table.nbytes <= NgramTable.bytes_for(64, 2, 4)
+    n, toks, cnts = table.lookup([41, 42])
+    assert n == 2 and toks.tolist() == [43] and cnts[0] > 100
+    assert table.state()["slots"].shape[0] >= 2 * len(table)
+    for gram in rows(table):  # every stored n-gram is still found after the evictions
+        assert table.lookup(np.array(gram))[0] == len(gram)
+
+
+def test_bytes_for_and_ngrams_for_agree():
+    for nbytes in (10_000, 1 << 20, 12_345_678):
+        m = NgramTable.ngrams_for(nbytes)
+        assert NgramTable.bytes_for(m) <= nbytes < NgramTable.bytes_for(m + 1)
+    with pytest.raises(ValueError, match="cannot hold"):
+        NgramTable.ngrams_for(100)
+    with pytest.raises(ValueError, match="max_ngrams"):
+        NgramTable(max_n=4, max_ngrams=8)

@@ -44,7 +44,7 @@ def test_record_replay_and_run(tmp_path, questions, capsys):
     saved = json.loads(out.read_text())
     results = saved["results"]
     assert list(results) == ["vanilla", "prompt_lookup", "no_drafts", "drafter:prompt_lookup", "drafter:suffix",
-                             "drafter:recycling", "retrodraft"]
+                             "drafter:ngram", "drafter:recycling", "retrodraft"]
     for method in results.values():
         assert set(method) == {"mt_bench", "summarization", "overall"}
         for cell in method.values():
