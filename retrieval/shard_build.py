@@ -196,7 +196,8 @@ def _check_replaceable(out: Path) -> None:
     """FileExistsError unless nothing is at ``out``, an empty directory or a sharded datastore: a
     sharded build replaces only those (an unsharded datastore or a user's directory is kept)."""
     if out.exists() and not (is_sharded(out) or (out.is_dir() and not any(out.iterdir()))):
-        raise FileExistsError(f"{out} exists and is not a sharded datastore; not replacing it: choose another --out")
+        raise FileExistsError(f"{out} exists and is not a datastore a sharded build may replace (a sharded datastore or an "
+                              "empty directory); not replacing it: choose another --out")
 
 
 def _build_in(out: Path, tokenizer, shards: int, corpus, documents, fields, exclude, runner, progress,
