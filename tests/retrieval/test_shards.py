@@ -24,7 +24,7 @@ from retrodraft.retrieval.shard_build import append_sharded, build_sharded
 from retrodraft.retrieval.shard_drafter import ShardedCorpusDrafter
 from retrodraft.retrieval.shards import ShardedDatastore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 HAS_RAY = importlib.util.find_spec("ray") is not None
 
