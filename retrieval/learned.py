@@ -8,6 +8,9 @@ and none overwrites another; a commit costs what the call learned, not what is s
 A process picks up what others committed at the start of its next call: one read of the
 scope's sequence counter tells whether anything is new.
 
+Every value is framed by ``layout.pack`` (a CRC32 over key and value), like the rest of
+the datastore's LMDB values: a damaged record raises CorruptDatastoreError naming it.
+
 Keys, each under ``learned NUL SCOPE NUL`` (SCOPE: 1-64 of [A-Za-z0-9._-], first alphanumeric):
   ""              the scope exists (b"")
   "seq"           int64 LE: the last commit's sequence number (the staleness check)
@@ -42,8 +45,8 @@ import numpy as np
 
 from retrodraft.retrieval.calibration import BUCKETS, DEPTHS, VERDICTS, Calibrator
 from retrodraft.retrieval.config import DEFAULT
-from retrodraft.retrieval.errors import DatastoreError
-from retrodraft.retrieval.layout import key
+from retrodraft.retrieval.errors import CorruptDatastoreError, DatastoreError
+from retrodraft.retrieval.layout import key, pack, unpack
 from retrodraft.retrieval.online import LearnedMemory, OnlineState
 
 log = logging.getLogger(__name__)
@@ -102,19 +105,38 @@ def _read_entry(v: bytes) -> tuple[np.ndarray, np.ndarray]:
     return body[:n].astype(np.int32), body[n:].astype(np.int64)
 
 
+def _checked(k: bytes, raw: bytes) -> bytes:
+    """The value ``layout.pack`` framed under key ``k``; CorruptDatastoreError if it fails its checksum."""
+    try:
+        return unpack(raw, "", Path("."), k)
+    except CorruptDatastoreError:
+        raise CorruptDatastoreError(
+            f"the learned-state record {bytes(k)!r} is damaged (checksum mismatch): forget its scope "
+            "(retrodraft-datastore forget PATH --scope SCOPE) or rebuild the datastore") from None
+
+
+def _get(txn, k: bytes, db) -> bytes | None:
+    raw = txn.get(k, db=db)
+    return None if raw is None else _checked(k, raw)
+
+
+def _put(txn, k: bytes, value: bytes, db) -> None:
+    txn.put(k, pack(value, k), db=db)
+
+
 def _items(txn, prefix: bytes, db, reverse: bool = False):
     """(key without ``prefix``, value) of every key starting with ``prefix``."""
     cur = txn.cursor(db)
     if not reverse:
         ok = cur.set_range(prefix)
         while ok and cur.key().startswith(prefix):
-            yield cur.key()[len(prefix):], cur.value()
+            yield cur.key()[len(prefix):], _checked(cur.key(), cur.value())
             ok = cur.next()
         return
     end = prefix[:-1] + bytes([prefix[-1] + 1])
     ok = cur.last() if not cur.set_range(end) else cur.prev()
     while ok and cur.key().startswith(prefix):
-        yield cur.key()[len(prefix):], cur.value()
+        yield cur.key()[len(prefix):], _checked(cur.key(), cur.value())
         ok = cur.prev()
 
 
@@ -133,9 +155,9 @@ def _add_calibration(txn, p: bytes, db, by_source: dict[str, np.ndarray]) -> Non
     for name, d in by_source.items():
         for v, depth in np.argwhere(d.any(axis=(0, 3))).tolist():
             k_ = p + b"cal" + name.encode() + b"\0" + bytes([v, depth])
-            old = txn.get(k_, db=db)
+            old = _get(txn, k_, db)
             row = d[:, v, depth] + (0 if old is None else np.frombuffer(old, "<f8").reshape(3, BUCKETS))
-            txn.put(k_, row.astype("<f8").tobytes(), db=db)
+            _put(txn, k_, row.astype("<f8").tobytes(), db)
 
 
 def _calibration_by_source(c: Calibrator) -> dict[str, np.ndarray]:
@@ -170,7 +192,7 @@ def read_scope(txn, db, scope: str, window_tokens: int, k: int = DEFAULT.topk) -
     """The stored state of ``scope`` (empty if it was never written) in transaction ``txn``;
     ``k``: the recycling rows' width when there are none (else as stored)."""
     p = _prefix(scope)
-    folded = _int(txn.get(p + b"folded", db=db))
+    folded = _int(_get(txn, p + b"folded", db))
     window, unfolded, budget = [], [], window_tokens
     for k_, v in _items(txn, p + b"out", db, reverse=True):
         seq = int.from_bytes(k_, "big")
@@ -189,7 +211,7 @@ def read_scope(txn, db, scope: str, window_tokens: int, k: int = DEFAULT.topk) -
         rows.append(np.frombuffer(v, "<i4"))
     cal = _read_calibration(txn, p, db)
     rows_a = np.array(rows, np.int32) if rows else np.empty((0, k), np.int32)
-    return Stored(_int(txn.get(p + b"seq", db=db)), _int(txn.get(p + b"epoch", db=db)), window[::-1], snap,
+    return Stored(_int(_get(txn, p + b"seq", db)), _int(_get(txn, p + b"epoch", db)), window[::-1], snap,
                   unfolded[::-1], (np.array(toks, np.int64), rows_a), cal)
 
 
@@ -201,7 +223,7 @@ def scopes(txn, db) -> list[str]:
         name = cur.key()[len(ROOT):].split(b"\0", 1)[0]
         out.append(name.decode())
         ok = cur.set_range(ROOT + name + b"\1")  # skip the rest of this scope
-    if DEFAULT_SCOPE not in out and txn.get(LEGACY, db=db) is not None:
+    if DEFAULT_SCOPE not in out and _get(txn, LEGACY, db) is not None:
         out.append(DEFAULT_SCOPE)
     return sorted(out)
 
@@ -218,7 +240,7 @@ def scope_sizes(txn, db, scope: str) -> dict[str, tuple[int, int]]:
 
 
 def _legacy(txn, db) -> dict[str, np.ndarray] | None:
-    if txn.get(LEGACY, db=db) is None:
+    if _get(txn, LEGACY, db) is None:
         return None
     return {k.decode(): _from_npy(v) for k, v in _items(txn, LEGACY, db) if k}
 
@@ -227,20 +249,20 @@ def _migrate(txn, db) -> None:
     """Rewrite a legacy ``online`` record as the default scope's records (in ``txn``)."""
     old = _legacy(txn, db)
     p = _prefix(DEFAULT_SCOPE)
-    if old is None or txn.get(p, db=db) is not None:
+    if old is None or _get(txn, p, db) is not None:
         return
-    txn.put(p, b"", db=db)
+    _put(txn, p, b"", db)
     seq = 0
     if "outputs" in old:
         bounds = np.concatenate(([0], np.cumsum(old["lengths"])))
         for a, b in zip(bounds[:-1], bounds[1:]):
             seq += 1
-            txn.put(p + b"out" + key(seq), _entry(old["outputs"][a:b], np.empty(0, np.int64)), db=db)
-    txn.put(p + b"seq", _i8(seq), db=db)
+            _put(txn, p + b"out" + key(seq), _entry(old["outputs"][a:b], np.empty(0, np.int64)), db)
+    _put(txn, p + b"seq", _i8(seq), db)
     if "recycling" in old:
         rows = old["recycling"].astype(np.int32)
         for t in np.flatnonzero(rows[:, 0] >= 0).tolist():
-            txn.put(p + b"rec" + key(t), rows[t].astype("<i4").tobytes(), db=db)
+            _put(txn, p + b"rec" + key(t), rows[t].astype("<i4").tobytes(), db)
     cal = {k[len("calibration_"):]: v for k, v in old.items() if k.startswith("calibration_")}
     if cal:
         _add_calibration(txn, p, db, _calibration_by_source(Calibrator.from_state(cal)))
@@ -300,7 +322,7 @@ class ScopeState:
         self.p = _prefix(scope)
         if writable and scope == DEFAULT_SCOPE:
             with env.begin(db=db) as txn:
-                legacy = txn.get(LEGACY, db=db) is not None
+                legacy = _get(txn, LEGACY, db) is not None
             if legacy:  # checked first: a write transaction costs an fsync
                 with env.begin(write=True, db=db) as txn:
                     _migrate(txn, db)
@@ -310,7 +332,7 @@ class ScopeState:
         k = DEFAULT.topk
         with self.env.begin(db=self.db) as txn:
             stored = read_scope(txn, self.db, self.scope, self.memory.window_tokens, k)
-            old = _legacy(txn, self.db) if self.scope == DEFAULT_SCOPE and txn.get(self.p, db=self.db) is None else None
+            old = _legacy(txn, self.db) if self.scope == DEFAULT_SCOPE and _get(txn, self.p, self.db) is None else None
         if old is not None:
             stored = _legacy_stored(old, self.memory.window_tokens, k)
         _check_outputs(stored, self.scope, self.vocab_size)
@@ -342,10 +364,10 @@ class ScopeState:
         """Bring in the commits other processes made since this one last looked; returns how
         many. Costs one small read when there are none."""
         with self.env.begin(db=self.db) as txn:
-            seq = _int(txn.get(self.p + b"seq", db=self.db))
+            seq = _int(_get(txn, self.p + b"seq", self.db))
             if seq == self.seq:
                 return 0
-            if _int(txn.get(self.p + b"epoch", db=self.db)) != self.epoch:
+            if _int(_get(txn, self.p + b"epoch", self.db)) != self.epoch:
                 self._load()
                 return 1
             new, touched = [], []
@@ -354,12 +376,12 @@ class ScopeState:
             while ok and cur.key().startswith(self.p + b"out"):
                 s = int.from_bytes(cur.key()[len(self.p) + 3:], "big")
                 if s not in self._own:
-                    out, rows = _read_entry(cur.value())
+                    out, rows = _read_entry(_checked(cur.key(), cur.value()))
                     new.append(out)
                     touched.append(rows)
                 ok = cur.next()
             rows_at = np.unique(np.concatenate(touched)) if touched else np.empty(0, np.int64)
-            rows = [txn.get(self.p + b"rec" + key(int(t)), db=self.db) for t in rows_at.tolist()]
+            rows = [_get(txn, self.p + b"rec" + key(int(t)), self.db) for t in rows_at.tolist()]
             cal = _read_calibration(txn, self.p, self.db)
         for out in new:
             self.online.add_output(out)
@@ -389,13 +411,13 @@ class ScopeState:
         with self.env.begin(write=True, db=self.db) as txn:
             if check is not None:
                 check()
-            if txn.get(self.p, db=self.db) is None:
-                txn.put(self.p, b"", db=self.db)
-            seq = _int(txn.get(self.p + b"seq", db=self.db)) + 1
-            txn.put(self.p + b"seq", _i8(seq), db=self.db)
-            txn.put(self.p + b"out" + key(seq), _entry(output, touched), db=self.db)
+            if _get(txn, self.p, self.db) is None:
+                _put(txn, self.p, b"", self.db)
+            seq = _int(_get(txn, self.p + b"seq", self.db)) + 1
+            _put(txn, self.p + b"seq", _i8(seq), self.db)
+            _put(txn, self.p + b"out" + key(seq), _entry(output, touched), self.db)
             for t, row in zip(touched.tolist(), rows):
-                txn.put(self.p + b"rec" + key(t), row.astype("<i4").tobytes(), db=self.db)
+                _put(txn, self.p + b"rec" + key(t), row.astype("<i4").tobytes(), self.db)
             _add_calibration(txn, self.p, self.db, delta)
         self._base = now
         self._own.add(seq)
@@ -414,13 +436,13 @@ def append_outputs(env: lmdb.Environment, db, scope: str, outputs) -> int:
     calibration (for imports and benchmarks); returns the last sequence number."""
     p = _prefix(scope)
     with env.begin(write=True, db=db) as txn:
-        txn.put(p, b"", db=db)
-        seq = _int(txn.get(p + b"seq", db=db))
+        _put(txn, p, b"", db)
+        seq = _int(_get(txn, p + b"seq", db))
         none = np.empty(0, np.int64)
         for out in outputs:
             seq += 1
-            txn.put(p + b"out" + key(seq), _entry(np.asarray(out, np.int32), none), db=db)
-        txn.put(p + b"seq", _i8(seq), db=db)
+            _put(txn, p + b"out" + key(seq), _entry(np.asarray(out, np.int32), none), db)
+        _put(txn, p + b"seq", _i8(seq), db)
     return seq
 
 
@@ -446,7 +468,7 @@ def compact(env: lmdb.Environment, db, scope: str, memory: LearnedMemory) -> dic
     with env.begin(write=True, db=db) as txn:
         if scope == DEFAULT_SCOPE:
             _migrate(txn, db)
-        if txn.get(p, db=db) is None:
+        if _get(txn, p, db) is None:
             raise ScopeError(f"there is no learned state in scope {scope!r}; scopes: {', '.join(scopes(txn, db)) or 'none'}")
         stored = read_scope(txn, db, scope, memory.window_tokens)
         online = OnlineState(1, memory, ngram=stored.ngram)
@@ -455,14 +477,14 @@ def compact(env: lmdb.Environment, db, scope: str, memory: LearnedMemory) -> dic
         for k_, _ in list(_items(txn, p + b"ngram", db)):
             txn.delete(p + b"ngram" + k_, db=db)
         for name, a in online.ngram.state().items():
-            txn.put(p + b"ngram" + name.encode(), _npy(a), db=db)
-        txn.put(p + b"folded", _i8(stored.seq), db=db)
+            _put(txn, p + b"ngram" + name.encode(), _npy(a), db)
+        _put(txn, p + b"folded", _i8(stored.seq), db)
         entries = [k_ for k_, _ in _items(txn, p + b"out", db)]
         drop = entries[: len(entries) - len(stored.window)]
         for k_ in drop:
             txn.delete(p + b"out" + k_, db=db)
-        txn.put(p + b"epoch", _i8(stored.epoch + 1), db=db)
-        txn.put(p + b"seq", _i8(stored.seq + 1), db=db)  # so open readers notice and reload
+        _put(txn, p + b"epoch", _i8(stored.epoch + 1), db)
+        _put(txn, p + b"seq", _i8(stored.seq + 1), db)  # so open readers notice and reload
     return {"folded": len(stored.unfolded), "dropped": len(drop), "kept": len(entries) - len(drop)}
 
 
@@ -473,9 +495,9 @@ def export(env: lmdb.Environment, db, scope: str, path: str | Path) -> dict[str,
     n-gram snapshot as ngram_* with ngram_folded. Returns counts of what was written."""
     p = _prefix(scope)
     with env.begin(db=db) as txn:
-        if txn.get(p, db=db) is None and not (scope == DEFAULT_SCOPE and txn.get(LEGACY, db=db) is not None):
+        if _get(txn, p, db) is None and not (scope == DEFAULT_SCOPE and _get(txn, LEGACY, db) is not None):
             raise ScopeError(f"there is no learned state in scope {scope!r}; scopes: {', '.join(scopes(txn, db)) or 'none'}")
-        if txn.get(p, db=db) is None:
+        if _get(txn, p, db) is None:
             old = _legacy(txn, db)
             stored = _legacy_stored(old, 0, old["recycling"].shape[1] if "recycling" in old else DEFAULT.topk)
             outs, seqs, folded = stored.unfolded, list(range(1, len(stored.unfolded) + 1)), 0
@@ -485,7 +507,7 @@ def export(env: lmdb.Environment, db, scope: str, path: str | Path) -> dict[str,
             for k_, v in _items(txn, p + b"out", db):
                 outs.append(_read_entry(v)[0])
                 seqs.append(int.from_bytes(k_, "big"))
-            folded = _int(txn.get(p + b"folded", db=db))
+            folded = _int(_get(txn, p + b"folded", db))
     names = sorted(stored.calibration)
     arrays = {
         "outputs": np.concatenate(outs) if outs else np.empty(0, np.int32),
