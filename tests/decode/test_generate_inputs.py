@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, tiny_model
 from retrodraft.decode import generate
 from retrodraft.retrieval import Datastore, TokenizerMismatchError
-from retrodraft.retrieval.store import ONLINE_STATE
+from retrodraft.retrieval.learned import LEGACY_NAME as ONLINE_STATE  # the record of older datastores
 from test_store import DOCS_A
 from test_store_hardening import tok, tok_dir  # noqa: F401 (fixtures: a word-level tokenizer of < 64 ids)
 
