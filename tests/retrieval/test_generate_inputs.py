@@ -1,4 +1,6 @@
-"""Issue 12 items 4, 8, 10, 15: generate checks what it is given up front and never drops its output."""
+"""Issue 12 items 4, 8, 10, 15: generate checks what it is given up front and never drops its output.
+
+Here beside test_store and test_store_hardening, whose documents and tokenizer fixtures it shares."""
 
 import math
 import subprocess
