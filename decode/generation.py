@@ -110,8 +110,9 @@ def _check_settings(budget, do_sample, temperature, top_k, top_p, seed) -> None:
         raise ValueError(f"seed must be None or an int, got {seed!r}")
     if do_sample is False:
         return
-    if temperature is not None and isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(temperature) or temperature <= 0:
+    if temperature is not None and (isinstance(temperature, bool)
+                                    or not isinstance(temperature, (int, float, np.floating, np.integer))
+                                    or not math.isfinite(temperature) or temperature <= 0):
         raise ValueError(f"temperature must be > 0 and finite when sampling, got {temperature!r}")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
