@@ -118,7 +118,7 @@ def _check_settings(budget, do_sample, temperature, top_k, top_p, seed) -> None:
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
                               or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
 def _check_references(docs: list[np.ndarray], vocab_size: int) -> None:
@@ -171,8 +171,8 @@ def speculator(model, *, drafters: Sequence[Drafter] | None = None, calibrator: 
         if calibrator is not None:
             raise ValueError("calibrator= applies to explicit drafters=; the default drafters learn with "
                              "online_state(model, datastore).calibrator")
-        if tokenizer is not None and references is None:
-            raise ValueError("tokenizer= only tokenizes text references=, and none were given")
+        if tokenizer is not None and references is None and datastore is None:
+            raise ValueError("tokenizer= tokenizes text references= and checks a datastore=, and neither was given")
         drafters = _default_drafters(model, references, tokenizer, datastore, config)
         calibrator = online_state(model, datastore).calibrator
     elif references is not None or tokenizer is not None:

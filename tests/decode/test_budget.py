@@ -72,7 +72,6 @@ def test_measured_curve_is_cached_on_disk_and_announced(tmp_path, monkeypatch, c
 # --- robust measurement, the disk cache's checks, online learning (issue 10) ---------------------------
 
 import json
-import logging
 
 from retrodraft.decode import budget as budget_module
 from retrodraft.decode.budget import CACHE_FORMAT, fit, validated

@@ -69,7 +69,8 @@ def test_online_state_written_by_one_process_is_there_after_restart(smollm, stor
     out = generate(model, ids, max_new_tokens=24, datastore=store)
     store.export_scope(tmp_path / "learned.npz")
     saved = np.load(tmp_path / "learned.npz")
-    assert saved["outputs"][-24:].tolist() == out.sequences[0, ids.shape[1]:].tolist()
+    new = out.sequences[0, ids.shape[1]:].tolist()  # fewer than 24 where the answer ends (EOS)
+    assert saved["outputs"][-len(new):].tolist() == new
     assert saved["recycling_tokens"].size > 0 and (saved["recycling_rows"] >= 0).all()
     # calibration is saved per drafter and per set of drafters agreeing on a fused node:
     # every source this process has observed nodes of (earlier tests' calls included)

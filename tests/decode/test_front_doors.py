@@ -94,7 +94,7 @@ def test_generation_config_eos_stops_the_call(llama):
     (dict(), "pass max_new_tokens="),
     (dict(max_new_tokens=4, calibrator=Calibrator()), "calibrator= applies to explicit drafters"),
     (dict(max_new_tokens=4, drafters=[PromptLookupDrafter()], references=[[1, 2, 3]]), "add retrieval.drafters"),
-    (dict(max_new_tokens=4, tokenizer=object()), "tokenizer= only tokenizes text references"),
+    (dict(max_new_tokens=4, tokenizer=object()), "tokenizer= tokenizes text references= and checks a datastore="),
     (dict(max_new_tokens=4, seed=3), "seed= fixes sampling"),
     (dict(max_new_tokens=4, do_sample=True, top_p=1.5), "top_p must be in"),
 ])

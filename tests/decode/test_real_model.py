@@ -48,7 +48,7 @@ def test_sampling_with_the_same_seed_and_drafts_is_reproducible(smollm):
     c = generate(model, ids, max_new_tokens=24, do_sample=True, seed=7)
     assert torch.equal(c.sequences[:, : ids.shape[1]], ids)
     assert c.stats.new_tokens == 24 or c.sequences[0, -1] == tok.eos_token_id
-    assert set(c.stats.accepted_per_drafter) == {"prompt_lookup", "suffix", "recycling"}
+    assert set(c.stats.accepted_per_drafter) == {"prompt_lookup", "suffix", "ngram", "recycling"}
 
 
 @pytest.mark.model

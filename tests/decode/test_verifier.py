@@ -137,7 +137,7 @@ def test_acceptance_on_the_device_equals_accept_greedy(case, padding):
     best, order = accept_greedy_on_device(
         torch.tensor(rows), torch.tensor(tokens, dtype=torch.int64),
         torch.tensor((tree.parents + 1).tolist() + [0] * padding, dtype=torch.int64), torch.from_numpy(anc))
-    path, bonus = accept_greedy(tree, np.array(argmax))
+    path, bonus = accept_greedy(tree, np.array(argmax).__getitem__)
     assert int(best) - 1 == (path[-1] if path else -1)
     assert rows[int(best)] == bonus
     assert order[: len(path) + 1].tolist() == [0] + [i + 1 for i in path]

@@ -415,7 +415,7 @@ def test_item13_another_users_datastore_opens_read_only(tmp_path, tok):
         from test_store import digest
         with Datastore.open(sys.argv[1]) as ds:
             print(digest(ds))
-    """.replace("from test_store", f"sys.path.insert(0, {str(ROOT / 'tests' / 'retrieval')!r}); from test_store"), d / "ds",
+    """.replace("from test_store", f"sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT / 'tests' / 'retrieval')!r}]; from test_store"), d / "ds",
         drop_dac=True)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout) == json.loads(mine) and "without LMDB's lock file" in p.stderr
