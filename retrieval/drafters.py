@@ -302,15 +302,23 @@ class CorpusDrafter:
         self.first, self.decay = first, decay
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
-        if budget <= 0 or self.tokens.shape[0] == 0:
+        found = self._continuations(context, budget) if budget > 0 else None
+        if found is None:
             return DraftTree.empty()
-        lo, hi, m = suffix_array.longest_match(self.tokens, self.sa, context, self.max_len)
-        if m < self.min_len:
-            return DraftTree.empty()
-        tokens, parents, scores, origins = suffix_array.continuations(
-            self.tokens, self.sa, lo, hi, m, self.max_positions, self.depth, budget)
+        (tokens, parents, scores, origins), m = found
         scores = _prior(scores, parents, _table(self.first, m), _table(self.decay, m))
         return DraftTree(tokens, parents, scores, np.zeros(len(tokens), np.uint8), origins)
+
+    def _continuations(self, context: np.ndarray, budget: int) -> tuple[tuple, int] | None:
+        """The counted continuation trie (tokens, parents, scores, origins) of the context's
+        longest suffix in the corpus, and that suffix's length; None below ``min_len``."""
+        if self.tokens.shape[0] == 0:
+            return None
+        lo, hi, m = suffix_array.longest_match(self.tokens, self.sa, context, self.max_len)
+        if m < self.min_len:
+            return None
+        return suffix_array.continuations(self.tokens, self.sa, lo, hi, m, self.max_positions, self.depth,
+                                          budget), m
 
     def observe(self, context: np.ndarray, accepted: np.ndarray, topk: np.ndarray | None) -> None:
         """Static: the corpus does not learn from outputs (the suffix drafter does)."""

@@ -12,8 +12,7 @@ import numpy as np
 
 from retrodraft.index import suffix_array
 from retrodraft.index.shard_merge import merged_continuations
-from retrodraft.retrieval.drafters import CORPUS_DECAY, CORPUS_FIRST, _prior, _table
-from retrodraft.retrieval.tree import DraftTree
+from retrodraft.retrieval.drafters import CORPUS_DECAY, CORPUS_FIRST, CorpusDrafter
 
 
 def _readonly(a: np.ndarray, dtype) -> np.ndarray:
@@ -97,7 +96,7 @@ class ShardIndex:
             self._pool = None
 
 
-class ShardedCorpusDrafter:
+class ShardedCorpusDrafter(CorpusDrafter):
     """``CorpusDrafter`` over a ``ShardIndex``: same parameters, same drafts as one datastore.
 
     The longest match is the longest over all shards; only shards holding it contribute,
@@ -105,31 +104,18 @@ class ShardedCorpusDrafter:
     of ``max_positions`` is taken. ``locate`` maps a virtual position to (document, offset).
     """
 
-    name = "corpus"
-    needs_topk = False
-
     def __init__(self, index: ShardIndex, locate: Callable[[int], tuple[str, int]] | None = None,
                  max_len: int = 16, min_len: int = 2, max_positions: int = 256, depth: int = 12,
                  first: Sequence[float] = CORPUS_FIRST, decay: Sequence[float] = CORPUS_DECAY):
-        self.index, self._locate = index, locate
-        self.max_len, self.min_len, self.max_positions, self.depth = max_len, min_len, max_positions, depth
-        self.first, self.decay = first, decay
+        # No single stream: the search below goes through the shards instead.
+        super().__init__(np.empty(0, np.int32), np.empty(0, np.int64), locate, max_len, min_len, max_positions,
+                         depth, first, decay)
+        self.index = index
 
-    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
-        if budget <= 0 or self.index.size == 0:
-            return DraftTree.empty()
+    def _continuations(self, context: np.ndarray, budget: int) -> tuple[tuple, int] | None:
+        if self.index.size == 0:
+            return None
         los, his, m = self.index.longest_match(context, self.max_len)
         if m < self.min_len:
-            return DraftTree.empty()
-        tokens, parents, scores, origins = self.index.continuations(los, his, m, self.max_positions, self.depth,
-                                                                    budget)
-        scores = _prior(scores, parents, _table(self.first, m), _table(self.decay, m))
-        return DraftTree(tokens, parents, scores, np.zeros(len(tokens), np.uint8), origins)
-
-    def observe(self, context: np.ndarray, accepted: np.ndarray, topk: np.ndarray | None) -> None:
-        """Static, like CorpusDrafter."""
-
-    def locate(self, origin: int) -> tuple[str, int]:
-        if self._locate is None:
-            return "corpus", origin
-        return self._locate(origin)
+            return None
+        return self.index.continuations(los, his, m, self.max_positions, self.depth, budget), m
