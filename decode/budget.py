@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from retrodraft.decode.costfit import PRIOR_WEIGHT, CurveLearner, HostLearner, isotonic
+from retrodraft.decode.costfit import PRIOR_WEIGHT, TRUST, CurveLearner, HostLearner, isotonic
 from retrodraft.decode.model import cache_dir
 from retrodraft.decode.tree_attention import new_cache, verification_kernels, tree_inputs, truncate_cache
 from retrodraft.retrieval.config import DEFAULT
@@ -261,20 +261,33 @@ class CostModel:
                 curve, learned = validated(data), data.get("learned")
             except (ValueError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
                 logger.warning("cached cost curve %s is not trusted (%s): measuring again", path, e)
-        fresh = curve is None
+        learner = self._learner_for(curve, learned, path) if curve is not None else None
+        fresh = learner is None
         if fresh:
             curve = measure(self.model, b)
-        weight = PRIOR_WEIGHT if curve.spread <= SPREAD_LIMIT else 1  # a noisy prior yields sooner
-        learner = CurveLearner(SIZES, np.log(curve.seconds0 * np.asarray(curve.costs)), weight)
-        if learned is not None:
-            try:
-                learner.restore(learned)
-            except (ValueError, TypeError) as e:
-                logger.warning("learned cost state in %s is not trusted (%s): starting from the measured curve",
-                               path, e)
+            learner = self._learner_for(curve, None, path)
         self._priors[b], self._learners[b] = curve, learner
         if fresh:
             self._write(b)
+
+    @staticmethod
+    def _learner_for(curve: CostCurve, learned: dict | None, path: Path) -> CurveLearner | None:
+        """A learner starting from ``curve`` and what earlier runs learned; None when they
+        learned a shape so far from the measured one that the measurement is in doubt."""
+        weight = PRIOR_WEIGHT if curve.spread <= SPREAD_LIMIT else 1  # a noisy prior yields sooner
+        learner = CurveLearner(SIZES, np.log(curve.seconds0 * np.asarray(curve.costs)), weight)
+        if learned is None:
+            return learner
+        try:
+            departure = learner.restore(learned)
+        except (ValueError, TypeError, AttributeError) as e:
+            logger.warning("learned cost state in %s is not trusted (%s): starting from the measured curve", path, e)
+            return learner
+        if departure > TRUST:
+            logger.warning("steps timed by an earlier run put the cost curve %.1fx away from the one measured in %s: "
+                           "measuring again", math.exp(departure), path)
+            return None
+        return learner
 
     def _learner(self, context: int) -> tuple[int, CurveLearner]:
         b = self._bucket(context)

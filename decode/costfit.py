@@ -17,8 +17,8 @@ import numpy as np
 WINDOW = 16  # recent observations per size bin: their median follows a change within ~8 steps at that size
 PRIOR_WEIGHT = 2  # copies of a measured prior among each size's observations (1 for a noisy measurement)
 AGREE = 0.1  # log-seconds correction within which an unobserved size's prior keeps its full weight
-LEVEL_RATE = 0.5  # how fast the machine's level follows same-size drift (per step)
-LEVEL_CLIP = 0.3  # a single step moves the level by at most LEVEL_RATE * LEVEL_CLIP in log seconds
+TRUST = float(np.log(1.5))  # how far another run's learned shape may move the measured curve, per size
+LEVEL_STEPS = 5  # recent steps whose median reading is the machine's level (load changes within seconds)
 MAX_COUNT = 1000  # evidence counted per bin, so a long history still yields to a changed machine within WINDOW
 HOST_WINDOW = 64  # recent (nodes, host time) pairs per drafter set
 
@@ -49,20 +49,22 @@ class CurveLearner:
     """Log seconds of a verification step at each of ``sizes`` nodes, learned online.
 
     The prior (a measurement, log seconds per size) counts as PRIOR_WEIGHT observations in
-    each size's median, so a wrong prior is overruled after a few steps at that size. Observations are stored relative to ``level``,
-    the machine's current speed: a step whose size bin has history and reads slower than
-    that history moves the level (clipped, so one outlier barely does), so a loaded machine
-    slows every size alike instead of distorting the shape.
+    each size's median, so a wrong prior is overruled after a few steps at that size.
+    Observations are stored relative to ``level``, the machine's current speed: each step
+    whose size bin has history reads the level off that history, and the level is the median
+    of the last LEVEL_STEPS readings, so a load that comes and goes within seconds slows
+    every size alike instead of distorting the shape, and one outlier moves nothing.
     """
 
     def __init__(self, sizes: tuple[int, ...], prior: np.ndarray, prior_weight: int = PRIOR_WEIGHT):
         self.sizes = np.asarray(sizes, np.int64)
-        self.prior = np.asarray(prior, np.float64)
+        self.measured = np.asarray(prior, np.float64)
+        self.prior = self.measured.copy()
         self.prior_weight = prior_weight
         self.windows = [deque(maxlen=WINDOW) for _ in sizes]
         self.counts = np.zeros(len(sizes), np.int64)
         self.level = 0.0
-        self._drifts: deque[float] = deque(maxlen=5)
+        self._levels: deque[float] = deque(maxlen=LEVEL_STEPS)
         self._fit: np.ndarray | None = None
         self._mid = (self.sizes[1:] + self.sizes[:-1]) / 2  # bin boundaries: nearest size
 
@@ -109,33 +111,52 @@ class CurveLearner:
         x = np.log(seconds) - (float(np.interp(nodes, self.sizes, f)) - f[b])
         win = self.windows[b]
         if len(win) >= 3:
-            # the median of the last few drifts: one outlier does not move the level, a lasting change does
-            self._drifts.append(x - self.level - float(np.median(win)))
-            self.level += LEVEL_RATE * float(np.clip(np.median(self._drifts), -LEVEL_CLIP, LEVEL_CLIP))
+            # where this step puts the machine's level; the median of the last few such readings
+            # follows a lasting change within LEVEL_STEPS // 2 + 1 steps and ignores one outlier
+            self._levels.append(x - float(np.median(win)))
+            self.level = float(np.median(self._levels))
         win.append(x - self.level)
         self.counts[b] += 1
         self._fit = None
 
     def state(self) -> dict:
-        """What to persist: each bin's recent observations and evidence count."""
-        return {"windows": [[round(v, 6) for v in w] for w in self.windows], "counts": self.counts.tolist()}
+        """What to persist: the prior this run started from (log seconds per size), each bin's
+        recent observations and its evidence count."""
+        return {"prior": self.prior.tolist(),
+                "windows": [[round(v, 6) for v in w] for w in self.windows], "counts": self.counts.tolist()}
 
-    def restore(self, state: dict) -> None:
-        """Take back a ``state()``; raises ValueError (and changes nothing) if it does not fit."""
+    def restore(self, state: dict) -> float:
+        """Start from another run's ``state()``: its fitted curve becomes the prior, with its
+        shape held within TRUST of this learner's measured prior at every size (that run timed
+        its steps under another load; this run's steps overrule it within a few steps per
+        size). Returns how far, in log units, the restored shape departed from the measured
+        one at the sizes that run observed more than its prior: past TRUST, the measurement
+        itself is in doubt. Raises ValueError (and changes nothing) if the state does not fit."""
         windows, counts = state.get("windows"), state.get("counts")
-        if not isinstance(windows, list) or not isinstance(counts, list) or not (
-                len(windows) == len(counts) == len(self.sizes)):
-            raise ValueError(f"learned state has {len(windows or [])} bins, expected {len(self.sizes)}")
-        values = [np.asarray(w, np.float64) for w in windows]
-        if any(v.ndim != 1 or len(v) > WINDOW or not np.all(np.isfinite(v)) or np.any(np.abs(v) > 20) for v in values):
+        prior = state.get("prior", self.measured.tolist())
+        if not all(isinstance(v, list) and len(v) == len(self.sizes) for v in (windows, counts, prior)):
+            raise ValueError(f"learned state does not hold {len(self.sizes)} bins")
+        values = [np.asarray(w, np.float64) for w in [prior, *windows]]
+        if any(v.ndim != 1 or not np.all(np.isfinite(v)) or np.any(np.abs(v) > 20) for v in values) or any(
+                len(v) > WINDOW for v in values[1:]):
             raise ValueError("learned state holds non-finite or absurd log seconds")
-        if any(not isinstance(c, int) or c < len(v) for c, v in zip(counts, values)):
+        if any(not isinstance(c, int) or c < len(v) for c, v in zip(counts, values[1:])):
             raise ValueError("learned state's counts do not match its observations")
-        for win, v in zip(self.windows, values):
-            win.clear()
+        then = CurveLearner(tuple(self.sizes), values[0], self.prior_weight)
+        for win, v in zip(then.windows, values[1:]):
             win.extend(v.tolist())
-        self.counts = np.asarray(counts, np.int64)
+        then.counts = np.asarray(counts, np.int64)
+        f = then.fitted()
+        departure = (f - f[0]) - (self.measured - self.measured[0])
+        sure = then.counts > self.prior_weight
+        self.prior = isotonic(self.measured + np.clip(departure, -TRUST, TRUST))
+        for win in self.windows:
+            win.clear()
+        self.counts = np.zeros(len(self.sizes), np.int64)
+        self._levels.clear()
+        self.level = 0.0
         self._fit = None
+        return float(np.max(np.abs(departure[sure]), initial=0.0))
 
 
 class HostLearner:
