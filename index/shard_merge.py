@@ -78,17 +78,23 @@ def _precedes(streams, offsets, keys, s, p, t, q, d):
 
 
 @numba.njit(cache=True, nogil=True)
-def _smallest_two(streams, sas, offsets, keys, ptr, his, length):
-    """Shards holding the smallest and second smallest head (-1 where none)."""
-    best, second = -1, -1
-    for s in range(ptr.shape[0]):
-        if ptr[s] >= his[s]:
-            continue
-        if best < 0 or _precedes(streams, offsets, keys, s, sas[s][ptr[s]], best, sas[best][ptr[best]], length):
-            best, second = s, best
-        elif second < 0 or _precedes(streams, offsets, keys, s, sas[s][ptr[s]], second, sas[second][ptr[second]], length):
-            second = s
-    return best, second
+def _sift_down(heap, size, i, streams, sas, offsets, keys, ptr, length):
+    """Move ``heap[i]`` down until ``heap[:size]`` (shards by their head suffix) is a heap below i."""
+    while True:
+        c = 2 * i + 1
+        if c >= size:
+            return
+        a = heap[c]
+        if c + 1 < size:
+            b = heap[c + 1]
+            if _precedes(streams, offsets, keys, b, sas[b][ptr[b]], a, sas[a][ptr[a]], length):
+                c += 1
+                a = b
+        top = heap[i]
+        if not _precedes(streams, offsets, keys, a, sas[a][ptr[a]], top, sas[top][ptr[top]], length):
+            return
+        heap[i], heap[c] = a, top
+        i = c
 
 
 @numba.njit(cache=True, nogil=True)
@@ -102,10 +108,20 @@ def _merged(streams, sas, offsets, keys, bases, los, his, length, m, depth, toke
     scratch = np.empty(m * (depth + 1), np.int32)
     where = np.empty(m * (depth + 1), np.int64)
     starts = np.empty(m, np.int64)
-    best, second = _smallest_two(streams, sas, offsets, keys, ptr, his, length)
+    # A binary heap of the shards with occurrences left, by head suffix: each element costs
+    # at most 2 log2(shards) comparisons, however the shards interleave.
+    heap = np.empty(los.shape[0], np.int64)
+    size = 0
+    for s in range(los.shape[0]):
+        if ptr[s] < his[s]:
+            heap[size] = s
+            size += 1
+    for j in range(size // 2 - 1, -1, -1):
+        _sift_down(heap, size, j, streams, sas, offsets, keys, ptr, length)
     w = 0
     i = 0
     for g in range(r):
+        best = heap[0]
         if g == i * r // m:
             stream = streams[best]
             p0 = sas[best][ptr[best]] + length
@@ -124,11 +140,10 @@ def _merged(streams, sas, offsets, keys, bases, los, his, length, m, depth, toke
             if i == m:
                 break
         ptr[best] += 1
-        # A run from one shard costs one comparison per element; a change of shard, a rescan.
-        if ptr[best] < his[best] and (second < 0 or _precedes(
-                streams, offsets, keys, best, sas[best][ptr[best]], second, sas[second][ptr[second]], length)):
-            continue
-        best, second = _smallest_two(streams, sas, offsets, keys, ptr, his, length)
+        if ptr[best] >= his[best]:
+            size -= 1
+            heap[0] = heap[size]
+        _sift_down(heap, size, 0, streams, sas, offsets, keys, ptr, length)
     k = counted_tree(scratch[:w], starts, depth, tokens, parents, scores, origins)
     for j in range(k):
         origins[j] = where[origins[j]]
