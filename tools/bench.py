@@ -60,9 +60,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from retrodraft.tools.threads import passive_openmp
+from retrodraft.tools.threads import short_openmp_spin
 
-passive_openmp()  # before torch: see tools/threads.py
+short_openmp_spin()  # before torch: see tools/threads.py
 
 import numpy as np
 import torch

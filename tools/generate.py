@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 
-from retrodraft.tools.threads import passive_openmp
+from retrodraft.tools.threads import short_openmp_spin
 
-passive_openmp()  # before torch: see tools/threads.py
+short_openmp_spin()  # before torch: see tools/threads.py
 
 from retrodraft.decode import generate, load_model
 from retrodraft.retrieval import Datastore, DatastoreError
