@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -213,6 +214,45 @@ def test_cli_builds_shards_on_a_local_ray_equal_to_the_in_process_build(stores, 
         for x, y in zip(a.shards, b.shards):
             assert np.array_equal(x.tokens, y.tokens) and np.array_equal(x.suffix_array, y.suffix_array)
         assert a.num_tokens == b.num_tokens
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install -e '.[scale]')")
+def test_cli_builds_on_a_running_ray_cluster_given_its_address(stores, corpus, tmp_path):
+    """--ray-address: a head started apart (as on a cluster's head node), the build as its driver."""
+    import socket
+    import tempfile
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    short = Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
+    ray = Path(sys.executable).with_name("ray")
+    log = (tmp_path / "head.log").open("w")
+    head = subprocess.Popen([str(ray), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+                             "--include-dashboard=false", "--temp-dir", str(short)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert head.poll() is None, (tmp_path / "head.log").read_text()
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "the Ray head did not come up within 60 s"
+            time.sleep(0.5)
+        p = build_index(corpus, "--out", tmp_path / "c", "--shards", 4, "--ray-address", f"127.0.0.1:{port}",
+                        "--quiet", env=env)
+        assert p.returncode == 0, p.stderr
+        with Datastore.open(stores / "s4") as a, Datastore.open(tmp_path / "c") as b:
+            for x, y in zip(a.shards, b.shards, strict=True):
+                assert np.array_equal(x.tokens, y.tokens) and np.array_equal(x.suffix_array, y.suffix_array)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        log.close()
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def test_cli_without_ray_says_how_to_install_it_and_builds_unsharded(stores, corpus, tmp_path):
