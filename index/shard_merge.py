@@ -18,7 +18,7 @@ order). Positions handed out are "virtual": ``bases[s] + position in shard s``.
 import numba
 import numpy as np
 
-from retrodraft.index.suffix_array import counted_tree
+from retrodraft.index.suffix_array import counted_tree, sampled_tree
 
 
 def merged_continuations(
@@ -44,16 +44,9 @@ def merged_continuations(
     Returns (tokens int32, parents int32, scores float32, origins int64 virtual positions),
     equal to what one suffix array over all documents in document order would give.
     """
-    r = int(np.sum(his - los))
-    m = min(max_positions, r)
-    k = min(budget, m * depth)
-    tokens = np.empty(k, np.int32)
-    parents = np.empty(k, np.int32)
-    scores = np.empty(k, np.float32)
-    origins = np.empty(k, np.int64)
-    if k:
-        k = _merged(streams, sas, offsets, keys, bases, los, his, length, m, depth, tokens, parents, scores, origins)
-    return tokens[:k], parents[:k], scores[:k], origins[:k]
+    m = min(max_positions, int(np.sum(his - los)))
+    return sampled_tree(m, depth, budget,
+                        lambda *out: _merged(streams, sas, offsets, keys, bases, los, his, length, m, depth, *out))
 
 
 @numba.njit(cache=True, nogil=True)

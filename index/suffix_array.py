@@ -97,13 +97,21 @@ def continuations(
     depth = _non_negative(depth, "depth")
     budget = _non_negative(budget, "budget")
     m = min(max_positions, hi - lo)
+    return sampled_tree(m, depth, budget, lambda *out: _continuations(stream, sa, lo, hi, length, m, depth, *out))
+
+
+def sampled_tree(m: int, depth: int, budget: int, fill) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The (tokens, parents, scores, origins) of a counted trie over ``m`` sampled
+    continuations of up to ``depth`` tokens, at most ``budget`` nodes: buffers for the most
+    nodes it can have, filled by ``fill(tokens, parents, scores, origins)`` (not called when
+    that is 0), which returns how many it wrote; the buffers cut to that."""
     k = min(budget, m * depth)
     tokens = np.empty(k, np.int32)
     parents = np.empty(k, np.int32)
     scores = np.empty(k, np.float32)
     origins = np.empty(k, np.int64)
     if k:
-        k = _continuations(stream, sa, lo, hi, length, m, depth, tokens, parents, scores, origins)
+        k = fill(tokens, parents, scores, origins)
     return tokens[:k], parents[:k], scores[:k], origins[:k]
 
 
