@@ -340,7 +340,9 @@ def decode_loop(model, input_ids: torch.Tensor, spec: Speculator, d: Decoding) -
     verifier = TreeVerifier.of(model, end + spec.max_nodes + 1, spec.max_nodes, d.cuda_graphs,
                                spec.config.cost_sizes, spec.config.topk)
     with verification_kernels(model):
-        verifier.prefill(input_ids)
+        state = verifier.prefill(input_ids, spec.needs_hidden)
+        if state is not None:
+            spec.prime(tokens[:prompt_len], state)
         length, done = prompt_len, False
         while not done:
             t0 = time.perf_counter()

@@ -65,7 +65,8 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
     trace has no top-k for rejected nodes, which a real run also feeds them). ``hidden``:
     float32 [len(prompt) + len(output), d], the target's final hidden state at every
     position (``decode.keys.sequence_hidden``; traces hold none): drafters that need it get
-    the accepted rows' states, as in ``generate``; without it they get none.
+    the accepted rows' states, and before the first step the prompt's (``Speculator.prime``),
+    as in ``generate``; without it they get none.
     """
     drafting = "replay:" + "+".join(d.name for d in drafters)
     if costs is not None:
@@ -79,6 +80,8 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
     tokens = np.concatenate([trace.prompt, trace.output])
     prompt_len, end = len(trace.prompt), len(tokens)
     length, steps, cost = prompt_len, 0, 0.0
+    if hidden is not None and spec.needs_hidden and prompt_len > 1:
+        spec.prime(tokens[:prompt_len], hidden[prompt_len - 2 : prompt_len - 1])  # as generate's prefill
     while length < end:
         t0 = time.perf_counter()
         tree = spec.propose(tokens[:length], room=end - length)

@@ -138,11 +138,15 @@ class TreeVerifier:
             return n + 1
         return next(b for b in self.buckets if b >= n) + 1
 
-    def prefill(self, input_ids: torch.Tensor) -> None:
-        """Run the prompt but its last token (the first step's root) into the cache."""
+    def prefill(self, input_ids: torch.Tensor, want_hidden: bool = False) -> np.ndarray | None:
+        """Run the prompt but its last token (the first step's root) into the cache. With
+        ``want_hidden``, the last hidden state of the last row run, float32 [1, d]: the state
+        that predicted the prompt's last token (None for a one-token prompt)."""
         self.cache.writes.slots = None
-        if input_ids.shape[1] > 1:
-            self.model.base_model(input_ids=input_ids[:, :-1].to(self.device), cache=self.cache, use_cache=True)
+        if input_ids.shape[1] <= 1:
+            return None
+        out = self.model.base_model(input_ids=input_ids[:, :-1].to(self.device), cache=self.cache, use_cache=True)
+        return out.last_hidden_state[0, -1:].float().cpu().numpy() if want_hidden else None
 
     def verify(self, tree: DraftTree, root: int, past: int, sampling: dict | None, want_topk: bool,
                want_hidden: bool = False, accept: Callable | None = None

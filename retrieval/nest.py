@@ -37,7 +37,8 @@ class NestDrafter:
     first/decay: depth prior first * decay ** (depth - 1)
     Each step's query is the last row of the ``hidden`` that ``observe`` gets (the engine
     passes it to drafters whose ``needs_hidden`` is True): the state at the last accepted
-    position. Until the first observed step (after the prompt) it proposes nothing.
+    position; before the first step, the prefill's (``Speculator.prime``). Without either
+    it proposes nothing.
     """
 
     name = "nest"

@@ -172,6 +172,16 @@ class Speculator:
     def _cost_table(self, length: int) -> np.ndarray:
         return self._cost(length) if callable(self._cost) else self._cost
 
+    def prime(self, context: np.ndarray, hidden: np.ndarray) -> None:
+        """Before the first step: ``hidden`` (float [1, d]) is the prefill's last hidden state
+        at the prompt's second-to-last position, the one that predicted ``context``'s (the
+        prompt's) last token; drafters with ``needs_hidden`` observe it as if that token had
+        just been emitted, so their first step has a query (no extra forward: the prefill
+        computed it)."""
+        for d in self.drafters:
+            if getattr(d, "needs_hidden", False):
+                d.observe(context, context[context.shape[0] - 1:], None, hidden=hidden)
+
     def observe(self, context: np.ndarray, emitted: int, topk_rows: np.ndarray | None = None,
                 hidden: np.ndarray | None = None) -> None:
         """After verifying the last proposed tree: ``context`` (int32 [L]) now ends with the

@@ -152,6 +152,27 @@ def test_greedy_with_nest_equals_model_generate(store, model, tok):
         assert "nest" in out.stats.accepted_per_drafter
 
 
+class FirstTree(NestDrafter):
+    """NestDrafter that records the size of each tree it proposes."""
+
+    sizes: list
+
+    def propose(self, context, budget):
+        tree = super().propose(context, budget)
+        self.sizes = getattr(self, "sizes", []) + [len(tree)]
+        return tree
+
+
+def test_nest_drafts_at_the_first_step_from_the_prefill(store, model, tok):
+    """The prompt's prefill computes the state that predicts its last token: NEST's first
+    step has a query with no extra forward, and the output stays model.generate's."""
+    drafter = FirstTree(store.nest_index(), k=8)
+    ids = torch.tensor([tok("dedent(text) removes any common leading whitespace")["input_ids"]])
+    out = generate(model, ids, max_new_tokens=8, drafters=[drafter], budget=8)
+    assert drafter.sizes[0] > 0
+    assert out.sequences.tolist() == model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0).tolist()
+
+
 class Recorder:
     """A drafter that records the hidden states it observes and the context lengths it drafts for."""
 
@@ -177,7 +198,8 @@ def test_drafters_get_the_hidden_states_of_the_accepted_positions(model, tok):
     out = generate(model, ids, max_new_tokens=6, drafters=[rec], budget=4)
     seq = out.sequences[0].numpy()
     whole = sequence_hidden(model, seq)
-    assert len(rec.observed) == out.stats.steps
+    assert len(rec.observed) == out.stats.steps + 1  # the prefill's state first
+    assert rec.observed[0][0] == ids.shape[1] - 1
     for before, hidden in rec.observed:  # row j chose new token j: the state at position before - 1 + j
         np.testing.assert_allclose(hidden, whole[before - 1 : before - 1 + len(hidden)], atol=1e-4)
     trace = Trace("q", "cat", seq[: ids.shape[1]].astype(np.int32), seq[ids.shape[1]:].astype(np.int32),
