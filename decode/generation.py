@@ -339,12 +339,13 @@ def decode_loop(model, input_ids: torch.Tensor, spec: Speculator, d: Decoding) -
         d.streamer.put(input_ids.cpu())
     verifier = TreeVerifier.of(model, end + spec.max_nodes + 1, spec.max_nodes, d.cuda_graphs,
                                spec.config.cost_sizes, spec.config.topk)
-    with verification_kernels(model):
+    with verification_kernels(model) as threads:
         state = verifier.prefill(input_ids, spec.needs_hidden)
         if state is not None:
             spec.prime(tokens[:prompt_len], state)
         length, done = prompt_len, False
         while not done:
+            threads.update()
             t0 = time.perf_counter()
             tree = spec.propose(tokens[:length], room=end - length)
             t1 = time.perf_counter()

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retrodraft.decode.cores import free_cores
+
 MAX_ROWS = 128  # BLAS above (a prompt's prefill); from ~16 rows to here the two trade places between runs
 BLOCK = 4  # weight rows per task
 ROW_BLOCK = 3  # input rows per pass over a weight block: 4 x 3 accumulators fit AVX2's 16 vector registers
@@ -104,10 +106,48 @@ def _eligible(module: torch.nn.Module) -> bool:
     return w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
 
 
+class KernelThreads:
+    """Threads for a loop of few-rows forwards on a CPU: torch's pool and the kernel's each
+    run on at most as many threads as other processes leave cores free (``decode.cores``).
+
+    A forward is a few hundred short parallel regions, and a region ends when its slowest
+    thread does: a thread that shares its core with another busy process gets a fraction of
+    it, and every region waits for it. Beside one CPU hog on two cores, the held-out bench
+    ran at 38.8 tok/s on one thread against 30.0 on two (README, issue 10); on a quiet machine
+    two threads give 57. ``update()`` (once per step) follows the free cores; the caller's
+    thread counts are the most used and are restored when the block exits. Inactive (no-op)
+    for models the kernel does not serve.
+    """
+
+    def __init__(self, active: bool):
+        self.active = active
+        self.most = torch.get_num_threads(), numba.get_num_threads()
+        self.threads = 0  # the free cores the pools were last set for
+
+    def __enter__(self) -> "KernelThreads":
+        self.update()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active and self.threads:
+            torch.set_num_threads(self.most[0])
+            numba.set_num_threads(self.most[1])
+
+    def update(self) -> None:
+        if not self.active:
+            return
+        free = free_cores().count()
+        if free != self.threads:
+            self.threads = free
+            torch.set_num_threads(min(self.most[0], free))
+            numba.set_num_threads(min(self.most[1], free))
+
+
 @contextlib.contextmanager
-def skinny_linears(model: torch.nn.Module) -> Iterator[None]:
+def skinny_linears(model: torch.nn.Module) -> Iterator[KernelThreads]:
     """Within the block, the model's float32 CPU linear layers compute inputs of at most
-    MAX_ROWS rows with ``rows_times_weights`` (a no-op on other devices and dtypes)."""
+    MAX_ROWS rows with ``rows_times_weights`` (a no-op on other devices and dtypes), on the
+    threads the block's ``KernelThreads`` (yielded) sets."""
     # Modules patched already belong to an enclosing block (the cost curve is measured
     # inside a generate call), which restores them.
     patched = [m for m in model.modules() if _eligible(m) and "forward" not in vars(m)]
@@ -121,7 +161,8 @@ def skinny_linears(model: torch.nn.Module) -> Iterator[None]:
 
         module.forward = forward
     try:
-        yield
+        with KernelThreads(bool(patched)) as threads:
+            yield threads
     finally:
         for module in patched:
             del module.forward

@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from retrodraft.decode.skinny import skinny_linears
+from retrodraft.decode.skinny import KernelThreads, skinny_linears
 from retrodraft.retrieval.tree import DraftTree
 
 PACKED_SDPA = "retrodraft_packed_sdpa"
@@ -95,17 +95,18 @@ def packed_attention(model) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def verification_kernels(model) -> Iterator[None]:
+def verification_kernels(model) -> Iterator[KernelThreads]:
     """Within the block, the model attends with ``packed_sdpa`` and, in float32 on a CPU,
-    multiplies a few rows by its weights with ``decode.skinny``'s kernel.
+    multiplies a few rows by its weights with ``decode.skinny``'s kernel, on the threads of
+    the yielded ``KernelThreads`` (call its ``update()`` once per step).
 
     Both are patches of the model object (its config's attention implementation, its linear
     layers' ``forward``), undone when the block exits, also on an exception. Not
     thread-safe: while a ``generate`` call runs, another thread using the same model object
     runs through the patched layers too, and an inner block leaves the restoring to the
     outermost one. Use one model object per thread."""
-    with packed_attention(model), skinny_linears(model):
-        yield
+    with packed_attention(model), skinny_linears(model) as threads:
+        yield threads
 
 
 class Writes:
