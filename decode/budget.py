@@ -63,11 +63,11 @@ class CostCurve:
         return np.interp(np.arange(self.sizes[-1] + 1), self.sizes, self.costs)
 
 
-def _key(model, context: int) -> str:
+def _key(model, context: int, threads: int) -> str:
     p = next(model.parameters())
     ident = json.dumps(
         [model.config.to_json_string(), str(p.dtype), str(p.device), _device_name(p.device),
-         torch.get_num_threads(), torch.__version__, context, VERIFY_PATH],
+         threads, torch.__version__, context, VERIFY_PATH],
         sort_keys=True,
     )
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
@@ -228,6 +228,9 @@ class CostModel:
 
     def __init__(self, model):
         self.model = model
+        # The caller's threads name the cache file: inside a call they follow the free cores
+        # (decode.skinny.KernelThreads), and a neighbour must not move the state elsewhere.
+        self.threads = torch.get_num_threads()
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 4096)
         self.longest = max(1, limit - SIZES[-1] - 1)  # measuring must stay inside the context window
         self._priors: dict[int, CostCurve] = {}
@@ -242,7 +245,7 @@ class CostModel:
 
     def path(self, context: int) -> Path:
         """The cache file of ``context``'s bucket."""
-        return cache_dir() / "cost" / f"{_key(self.model, self._bucket(context))}.json"
+        return cache_dir() / "cost" / f"{_key(self.model, self._bucket(context), self.threads)}.json"
 
     def curve(self, context: int) -> CostCurve:
         """The measured curve (the prior) of ``context``'s bucket: from the cache if it passes

@@ -343,3 +343,17 @@ def test_a_bad_observation_is_a_clear_error_and_changes_nothing(quick_measure, b
         costs.observe(step["context"], step["nodes"], step["seconds"], host_seconds=step["host_seconds"])
     np.testing.assert_array_equal(costs.table(100), before)
     assert costs.overhead("")[0] == 0
+
+
+def test_the_cache_file_stays_put_while_a_call_runs_on_fewer_threads(tmp_path, monkeypatch):
+    """Inside a call the threads follow the free cores; the state must still be saved where
+    the next call (on the caller's threads) looks for it."""
+    monkeypatch.setenv("RETRODRAFT_CACHE", str(tmp_path))
+    costs = CostModel(tiny_model("llama"))
+    before = costs.path(300)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        assert costs.path(300) == before
+    finally:
+        torch.set_num_threads(threads)
