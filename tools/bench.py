@@ -4,6 +4,7 @@ acceptance replayed from traces without the model (replay).
 usage: python tools/bench.py [run] [--questions FILE] [--categories a,b] [--limit N]
                              [--max-new-tokens N] [--warmup N] [--model DIR] [--datastore DIR]
                              [--budget N] [--hog N] [--out RESULTS.json] [--chart RESULTS.png]
+       python tools/bench.py compare RESULTS.json [--resamples N] [--confidence 0.9] [--seed N]
        python tools/bench.py record --out TRACES.jsonl [--questions FILE] [--categories a,b]
                              [--limit N] [--max-new-tokens N] [--model DIR]
        python tools/bench.py replay [TRACES.jsonl] [--budgets 8,16,32,64,auto] [--datastore DIR]
@@ -29,6 +30,11 @@ processes spinning a CPU each (a noisy neighbour), started before the first call
 (--out) holds the results, per-question records with per-step prediction errors, the
 calibration and the cost model (curves, machine level, drafting time d). The 8 MT-bench
 categories form one group, mt_bench, whose second turn includes the model's own first answer.
+
+compare: reads a run's JSON and prints, per group, the fused engine's speedup against its
+best single drafter's (ratio, and its bootstrap interval over questions: each resample
+draws questions with replacement and takes the best single drafter of that resample) and
+speculation's own share, fused / no_drafts.
 
 record: runs the target once per question (turn) and writes its greedy output and its top-8
 ids at every output position, one JSON line each (qid, cat, prompt, output, top8).
@@ -214,26 +220,72 @@ def step_errors(stats: GenerationStats | None) -> list[float]:
     return (np.abs(p - m) / m).round(4).tolist()
 
 
+def tokens_per_s(records: list[dict], method: str) -> float:
+    """Mean over ``records`` of ``method``'s tokens per second."""
+    return sum(r[method]["tokens"] / r[method]["seconds"] for r in records) / len(records)
+
+
+def speedup(records: list[dict], method: str) -> float:
+    """Mean tokens/s of ``method`` over ``records`` / that of vanilla."""
+    return tokens_per_s(records, method) / tokens_per_s(records, "vanilla")
+
+
 def summarize(records: list[dict], names: list[str]) -> dict:
     """Per method, per group and overall: speedup, tokens_per_s, mean_accepted, identical and
     prediction_error (median over steps of |predicted - measured| / measured step time; None
     for methods the cost model does not drive)."""
     result: dict[str, dict] = {}
-    groups = sorted({r["group"] for r in records}) + ["overall"]
     for m in names:
         result[m] = {}
-        for g in groups:
-            rs = [r for r in records if g == "overall" or r["group"] == g]
-            tps = [r[m]["tokens"] / r[m]["seconds"] for r in rs]
-            vanilla = [r["vanilla"]["tokens"] / r["vanilla"]["seconds"] for r in rs]
+        for g, rs in by_group(records).items():
             result[m][g] = {
-                "speedup": (sum(tps) / len(tps)) / (sum(vanilla) / len(vanilla)),
-                "tokens_per_s": sum(tps) / len(tps),
+                "speedup": speedup(rs, m),
+                "tokens_per_s": tokens_per_s(rs, m),
                 "mean_accepted": sum(r[m]["tokens"] for r in rs) / sum(r[m]["steps"] for r in rs),
                 "identical": all(r[m]["identical"] for r in rs),
                 "prediction_error": prediction_error([e for r in rs for e in r[m]["step_errors"]]),
             }
     return result
+
+
+def by_group(records: list[dict]) -> dict[str, list[dict]]:
+    """The records of each group, and all of them as "overall"."""
+    groups = {g: [r for r in records if r["group"] == g] for g in sorted({r["group"] for r in records})}
+    return {**groups, "overall": list(records)}
+
+
+def compare(args) -> None:
+    """The fused engine against its best single drafter, per group of a ``run``'s results, with
+    a bootstrap interval over questions, and speculation's own share (fused / no_drafts)."""
+    try:
+        data = json.loads(args.results.read_text())
+        records, result = data["records"], data["results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"{args.results} is not a results file of `bench.py run --out` ({e})")
+    singles = [m for m in result if m.startswith("drafter:")]
+    if "retrodraft" not in result or not singles:
+        sys.exit(f"{args.results} has no retrodraft or no drafter:NAME method to compare "
+                 f"(it has {', '.join(result)}): run without --methods, or name them")
+    rng = np.random.default_rng(args.seed)
+    print(f"fused (retrodraft) against the best single drafter, {args.resamples} resamples of the questions, "
+          f"{args.confidence:.0%} interval")
+    print(f"{'group':<16}{'fused':>8}{'best single':>28}{'ratio':>8}{'interval':>16}{'fused / no_drafts':>19}")
+    tail = (100 - 100 * args.confidence) / 2
+    for g, rs in by_group(records).items():
+        questions = defaultdict(list)  # an MT-bench question's turns (one qid) are drawn together
+        for r in rs:
+            questions[r["qid"]].append(r)
+        drawn = list(questions.values())
+        best = max(singles, key=lambda m: result[m][g]["speedup"])
+        ratios = []
+        for _ in range(args.resamples):
+            sample = [r for i in rng.integers(0, len(drawn), len(drawn)) for r in drawn[i]]
+            ratios.append(speedup(sample, "retrodraft") / max(speedup(sample, m) for m in singles))
+        lo, hi = np.percentile(ratios, [tail, 100 - tail])
+        fused = result["retrodraft"][g]["speedup"]
+        share = f"{fused / result['no_drafts'][g]['speedup']:.2f}" if "no_drafts" in result else "-"
+        print(f"{g:<16}{fused:>7.2f}x{best:>20} {result[best][g]['speedup']:>5.2f}x{fused / result[best][g]['speedup']:>8.2f}"
+              f"{f'{lo:.2f}-{hi:.2f}':>16}{share:>19}")
 
 
 def prediction_error(errors: list[float]) -> float | None:
@@ -438,7 +490,7 @@ def replay(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # cost curve news
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("run", "record", "replay", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "record", "replay", "compare", "-h", "--help"):
         argv = ["run", *argv]  # `run` is the default command
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -489,7 +541,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="bytes for past outputs (suffix window 2/3, n-gram table 1/3; default: LearnedMemory())")
     p.set_defaults(func=replay)
 
+    p = commands.add_parser("compare", help="the fused engine against its best single drafter in a run's results, "
+                            "with bootstrap intervals over questions")
+    p.add_argument("results", type=Path, help="JSON written by `bench.py run --out`")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--confidence", type=float, default=0.9, help="interval's coverage (default 0.9)")
+    p.add_argument("--seed", type=int, default=0, help="resampling seed (default 0)")
+    p.set_defaults(func=compare)
+
     args = ap.parse_args(argv)
+    if getattr(args, "resamples", 1) < 1 or not 0 < getattr(args, "confidence", 0.5) < 1:
+        ap.error("--resamples must be >= 1 and --confidence between 0 and 1")
     if getattr(args, "hog", 0) < 0:
         ap.error(f"--hog must be 0 or more, got {args.hog}")
     if getattr(args, "questions", None) is not None and not args.questions.is_file():

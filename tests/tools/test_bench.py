@@ -80,3 +80,38 @@ def test_cpu_hogs_are_started_and_stopped():
     assert all(h.poll() is not None for h in hogs)  # killed and reaped
     with bench.cpu_hogs(0) as hogs:
         assert hogs == []
+
+
+def _results(tmp_path, fused_seconds: float):
+    """A run's JSON with two groups of two questions: singles at 2x and 3x vanilla, no_drafts
+    at 1.5x, the fused engine at 10 / fused_seconds tokens/s (vanilla 1 tok/s)."""
+    records = []
+    for qid, group in ((1, "a"), (2, "a"), (3, "b"), (4, "b")):
+        rec = {"qid": qid, "group": group}
+        for m, seconds in (("vanilla", 10.0), ("no_drafts", 10 / 1.5), ("drafter:x", 5.0), ("drafter:y", 10 / 3),
+                           ("retrodraft", fused_seconds)):
+            rec[m] = {"tokens": 10, "seconds": seconds, "steps": 5, "identical": True, "step_errors": []}
+        records.append(rec)
+    names = ["vanilla", "no_drafts", "drafter:x", "drafter:y", "retrodraft"]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"results": bench.summarize(records, names), "records": records}))
+    return path
+
+
+def test_compare_reports_the_fused_engine_against_its_best_single_drafter(tmp_path, capsys):
+    bench.main(["compare", str(_results(tmp_path, fused_seconds=2.5)), "--resamples", "50"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"a", "b", "overall"}
+    # fused 4x, best single drafter:y at 3x: ratio 1.33, no spread between questions; share 4 / 1.5
+    assert rows["overall"] == ["overall", "4.00x", "drafter:y", "3.00x", "1.33", "1.33-1.33", "2.67"]
+
+
+def test_compare_refuses_files_it_cannot_read(tmp_path):
+    with pytest.raises(SystemExit, match="not a results file"):
+        bench.main(["compare", str(tmp_path / "missing.json")])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"results": {"vanilla": {}}, "records": []}))
+    with pytest.raises(SystemExit, match="no retrodraft"):
+        bench.main(["compare", str(bad)])
+    with pytest.raises(SystemExit):
+        bench.main(["compare", str(_results(tmp_path, 2.5)), "--confidence", "1.5"])
