@@ -108,15 +108,11 @@ def _eligible(module: torch.nn.Module) -> bool:
 
 class KernelThreads:
     """Threads for a loop of few-rows forwards on a CPU: torch's pool and the kernel's each
-    run on at most as many threads as other processes leave cores free (``decode.cores``).
+    run on at most as many threads as other processes leave cores free (why: ``decode.cores``).
 
-    A forward is a few hundred short parallel regions, and a region ends when its slowest
-    thread does: a thread that shares its core with another busy process gets a fraction of
-    it, and every region waits for it. Beside one CPU hog on two cores, the held-out bench
-    ran at 38.8 tok/s on one thread against 30.0 on two (README, issue 10); on a quiet machine
-    two threads give 57. ``update()`` (once per step) follows the free cores; the caller's
-    thread counts are the most used and are restored when the block exits. Inactive (no-op)
-    for models the kernel does not serve.
+    ``update()`` (once per step) follows the free cores; the caller's thread counts are the
+    most used and are restored when the block exits. Inactive (no-op) for models the kernel
+    does not serve.
     """
 
     def __init__(self, active: bool):
@@ -129,7 +125,7 @@ class KernelThreads:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.active and self.threads:
+        if self.active:
             torch.set_num_threads(self.most[0])
             numba.set_num_threads(self.most[1])
 

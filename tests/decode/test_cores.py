@@ -54,18 +54,20 @@ def test_verification_block_follows_the_free_cores_and_restores_the_threads(monk
     orig = torch.get_num_threads(), numba.get_num_threads()
     torch.set_num_threads(2)
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-    before = torch.get_num_threads(), numba.get_num_threads()
-    free = FreeCores(window=3600.0)  # no reading during the test: every core of the affinity is free
-    monkeypatch.setattr(cores, "_shared", free)
-    n = len(free.cpus)
-    with verification_kernels(model) as threads:
-        assert (torch.get_num_threads(), numba.get_num_threads()) == (min(before[0], n), min(before[1], n))
-        monkeypatch.setattr(free, "count", lambda: 1)  # a neighbour took every core but one
-        threads.update()
-        assert (torch.get_num_threads(), numba.get_num_threads()) == (1, 1)
-    assert (torch.get_num_threads(), numba.get_num_threads()) == before
-    torch.set_num_threads(orig[0])
-    numba.set_num_threads(orig[1])
+    try:
+        before = torch.get_num_threads(), numba.get_num_threads()
+        free = FreeCores(window=3600.0)  # no reading during the test: every core of the affinity is free
+        monkeypatch.setattr(cores, "_shared", free)
+        n = len(free.cpus)
+        with verification_kernels(model) as threads:
+            assert (torch.get_num_threads(), numba.get_num_threads()) == (min(before[0], n), min(before[1], n))
+            monkeypatch.setattr(free, "count", lambda: 1)  # a neighbour took every core but one
+            threads.update()
+            assert (torch.get_num_threads(), numba.get_num_threads()) == (1, 1)
+        assert (torch.get_num_threads(), numba.get_num_threads()) == before
+    finally:  # other tests run on the threads they found
+        torch.set_num_threads(orig[0])
+        numba.set_num_threads(orig[1])
 
 
 def test_threads_are_restored_after_an_exception():
