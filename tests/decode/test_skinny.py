@@ -9,12 +9,13 @@ from conftest import tiny_model
 from retrodraft.decode.skinny import MAX_ROWS, rows_times_weights, skinny_linear, skinny_linears
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 65, MAX_ROWS])
-@pytest.mark.parametrize("out_features", [1, 4, 7, 192])
-def test_kernel_equals_f_linear(rows, out_features):
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 17, 65, MAX_ROWS])  # full 3-row passes, then 0, 1 or 2 rows left
+@pytest.mark.parametrize("out_features", [1, 4, 7, 192, 1030])  # prefetching reaches blocks past the first ones
+@pytest.mark.parametrize("in_features", [96, 100])  # a row ending mid cache line
+def test_kernel_equals_f_linear(rows, out_features, in_features):
     g = torch.Generator().manual_seed(rows * 1000 + out_features)
-    x = torch.randn(rows, 96, generator=g)
-    w = torch.randn(out_features, 96, generator=g)
+    x = torch.randn(rows, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g)
     out = np.full((rows, out_features), np.nan, np.float32)  # every entry must be written
     rows_times_weights(x.numpy(), w.numpy(), out)
     torch.testing.assert_close(torch.from_numpy(out), F.linear(x, w), rtol=1e-5, atol=1e-4)
