@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from retrodraft.decode.costfit import PRIOR_WEIGHT, TRUST, CurveLearner, HostLearner, isotonic
+from retrodraft.decode.costfit import PRIOR_WEIGHT, TRUST, CurveLearner, HostLearner, isotonic, through_pools
 from retrodraft.decode.model import cache_dir
 from retrodraft.decode.tree_attention import new_cache, verification_kernels, tree_inputs, truncate_cache
 from retrodraft.retrieval.config import DEFAULT
@@ -142,8 +142,9 @@ def spread(seconds: np.ndarray) -> float:
 
 def fit(seconds: np.ndarray) -> CostCurve:
     """The cost curve of timings [rounds, len(SIZES)]: per-size medians, fitted non-decreasing
-    in log seconds, relative to the 0-node fit."""
-    s = isotonic(np.log(np.median(seconds, axis=0)))
+    in log seconds (pools read at their centres: ``costfit.through_pools``), relative to the
+    0-node fit."""
+    s = through_pools(np.asarray(SIZES), isotonic(np.log(np.median(seconds, axis=0))))
     return CostCurve(SIZES, tuple(np.exp(s - s[0]).tolist()), float(np.exp(s[0])), spread(seconds))
 
 

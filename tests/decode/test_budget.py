@@ -75,7 +75,7 @@ import json
 
 from retrodraft.decode import budget as budget_module
 from retrodraft.decode.budget import CACHE_FORMAT, fit, validated
-from retrodraft.decode.costfit import CurveLearner, HostLearner, isotonic
+from retrodraft.decode.costfit import CurveLearner, HostLearner, isotonic, through_pools
 
 TRUE_COSTS = np.array([1, 1.02, 1.04, 1.06, 1.08, 1.12, 1.16, 1.25, 1.35, 1.6, 1.9, 2.5, 3.1])  # at SIZES
 T0 = 0.08  # seconds of a 0-node step in the synthetic machine
@@ -164,6 +164,33 @@ def test_isotonic_is_the_closest_non_decreasing_fit(y, seed):
 def test_isotonic_pools_violators():
     np.testing.assert_allclose(isotonic([1, 3, 2, 4]), [1, 2.5, 2.5, 4])
     np.testing.assert_allclose(isotonic([5, 1], [1, 3]), [2, 2])
+
+
+def test_a_pool_reads_as_its_centre_and_the_curve_rises_through_it():
+    x = np.array([0, 1, 2, 3, 4, 6, 8, 12, 16])
+    f = isotonic(np.log([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.7, 2.1, 2.0]))  # 12 and 16 timed out of order
+    assert f[-2] == f[-1]
+    g = through_pools(x, f)
+    np.testing.assert_allclose(g[:7], f[:7])  # no pool: the fit itself
+    assert g[6] < g[7] < g[8]  # 8 < 12 < 16 now cost more in turn
+    assert g[8] == pytest.approx(f[8])  # the last pool is flat from its centre (14) on
+    np.testing.assert_allclose(through_pools([0, 1, 2], [0.0, 0.0, 0.0]), 0.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=1, max_size=13))
+def test_through_pools_stays_non_decreasing(y):
+    x = np.cumsum(np.arange(1, len(y) + 1))
+    g = through_pools(x, isotonic(y))
+    assert np.all(np.diff(g) >= -1e-12)
+
+
+def test_measured_curve_does_not_go_flat_where_timings_cross():
+    """A curve flat over 12..16 nodes sends 16 whenever 12 pays: the fit must rise there."""
+    rows = np.tile(np.asarray(TRUE_COSTS) * T0, (9, 1))
+    rows[:, SIZES.index(12)] = rows[:, SIZES.index(16)] * 1.05  # noise put 12 above 16
+    curve = fit(rows)
+    assert curve.costs[SIZES.index(12)] < curve.costs[SIZES.index(16)]
 
 
 def synthetic_steps(learner, steps, rng, load=1.0, outliers=0.0, sizes=SIZES):
