@@ -120,9 +120,9 @@ def rows_times_weights(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
             out[m + 1, n], out[m + 1, n + 1], out[m + 1, n + 2], out[m + 1, n + 3] = a10, a11, a12, a13
             out[m + 2, n], out[m + 2, n + 1], out[m + 2, n + 2], out[m + 2, n + 3] = a20, a21, a22, a23
             m += ROW_BLOCK
+        for j in range(fetched, to_fetch):  # the rest before the last pass (none left if there is none)
+            prefetch(w, later + j // lines, (j % lines) * LINE)
         if m + 2 == m_rows:  # two rows left over: a 4 x 2 tile
-            for j in range(fetched, to_fetch):
-                prefetch(w, later + j // lines, (j % lines) * LINE)
             a00 = a01 = a02 = a03 = np.float32(0.0)
             a10 = a11 = a12 = a13 = np.float32(0.0)
             for k in range(k_len):
@@ -139,8 +139,6 @@ def rows_times_weights(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
             out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a00, a01, a02, a03
             out[m + 1, n], out[m + 1, n + 1], out[m + 1, n + 2], out[m + 1, n + 3] = a10, a11, a12, a13
         elif m + 1 == m_rows:  # one row left over: the four weight rows by it
-            for j in range(fetched, to_fetch):
-                prefetch(w, later + j // lines, (j % lines) * LINE)
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for k in range(k_len):
                 v = x[m, k]
