@@ -47,19 +47,28 @@ def isotonic(y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
 
 def through_pools(x: np.ndarray, f: np.ndarray) -> np.ndarray:
     """The non-decreasing fit ``f`` at increasing ``x``, with each pool (a run of equal values)
-    read as its value at the pool's centre and straight lines between centres (flat before
-    the first centre and after the last).
+    read as its value at the pool's centre and straight lines through the centres, continued
+    past the first and the last (flat only when ``f`` is one pool).
 
     A pool is where noisy timings disagreed with the order of sizes, not evidence that the
     sizes cost the same: a cost curve flat from 12 to 16 nodes makes the budget send 16 nodes
     whenever it would send 12, the extra four at no predicted cost, while on a CPU each node
-    costs a few percent of a step. Non-decreasing still; rising wherever the pools differ."""
+    costs a few percent of a step; at the ends too (a flat 48-64 sends 64 whenever 48 pays).
+    Non-decreasing still; rising wherever the pools differ. Its own output, which has no
+    pools, comes back unchanged: a curve read from the cache and fitted again stays put."""
     x = np.asarray(x, np.float64)
     f = np.asarray(f, np.float64)
     starts = np.flatnonzero(np.r_[True, np.diff(f) != 0])
     ends = np.r_[starts[1:], len(f)]
     centres = np.array([x[a:b].mean() for a, b in zip(starts, ends)])
-    return np.interp(x, centres, f[starts])
+    values = f[starts]
+    if len(centres) == 1:
+        return np.full(len(x), values[0])
+    g = np.interp(x, centres, values)
+    lo, hi = x < centres[0], x > centres[-1]
+    g[lo] = values[0] + (x[lo] - centres[0]) * (values[1] - values[0]) / (centres[1] - centres[0])
+    g[hi] = values[-1] + (x[hi] - centres[-1]) * (values[-1] - values[-2]) / (centres[-1] - centres[-2])
+    return g
 
 
 class CurveLearner:

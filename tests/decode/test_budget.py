@@ -173,8 +173,11 @@ def test_a_pool_reads_as_its_centre_and_the_curve_rises_through_it():
     g = through_pools(x, f)
     np.testing.assert_allclose(g[:7], f[:7])  # no pool: the fit itself
     assert g[6] < g[7] < g[8]  # 8 < 12 < 16 now cost more in turn
-    assert g[8] == pytest.approx(f[8])  # the last pool is flat from its centre (14) on
+    assert g[8] > f[8]  # past the last pool's centre (14) the line goes on rising
+    np.testing.assert_allclose(through_pools(x, g), g, rtol=0, atol=1e-12)  # no pools left: unchanged
     np.testing.assert_allclose(through_pools([0, 1, 2], [0.0, 0.0, 0.0]), 0.0)
+    start = through_pools(x, isotonic(np.log([1.1, 1.0, 1.2, 1.3, 1.4, 1.5, 1.7, 1.9, 2.0])))
+    assert start[0] < start[1] < start[2]  # a pool at the start rises through its centre too
 
 
 @settings(max_examples=100, deadline=None)
@@ -183,6 +186,7 @@ def test_through_pools_stays_non_decreasing(y):
     x = np.cumsum(np.arange(1, len(y) + 1))
     g = through_pools(x, isotonic(y))
     assert np.all(np.diff(g) >= -1e-12)
+    np.testing.assert_allclose(through_pools(x, g), g, rtol=0, atol=1e-9)  # a fitted curve fitted again
 
 
 def test_measured_curve_does_not_go_flat_where_timings_cross():
