@@ -4,7 +4,9 @@ c(n) is the time of one verification step over the root plus n draft nodes (LM h
 included) divided by the time of a step over the root alone. It is measured once per model,
 device, dtype, thread count and context bucket (sizes interleaved round-robin, a median per
 size, a non-decreasing fit, re-measured while the spread says the machine was busy) and
-cached on disk with its spread; a cached curve is checked when read and measured again if it
+cached on disk with its spread. On a CPU each size is timed with ``decode.skinny``'s kernel
+and with BLAS, and steps of that size then take the faster (which one wins depends on the
+machine: ``decode.skinny.KernelSettings``); a cached curve is checked when read and measured again if it
 fails. Then every step of ``generate`` is folded in (``CostModel.observe``), so a wrong start
 corrects itself and the curve follows the machine's load; the learned part is saved with the
 cache. Drafting and other host time per step is learned the same way, in units of a 0-node
@@ -22,7 +24,6 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from retrodraft.decode.costfit import PRIOR_WEIGHT, TRUST, CurveLearner, HostLearner, isotonic, through_pools
 from retrodraft.decode.model import cache_dir
+from retrodraft.decode.skinny import MAX_ROWS, serves
 from retrodraft.decode.tree_attention import new_cache, verification_kernels, tree_inputs, truncate_cache
 from retrodraft.retrieval.config import DEFAULT
 from retrodraft.retrieval.speculator import choose_budget  # noqa: F401  (numpy only, so it lives with the Speculator)
@@ -39,8 +41,8 @@ logger = logging.getLogger(__name__)
 
 SIZES = DEFAULT.cost_sizes  # reasons for both in SpeculationConfig
 BUCKETS = DEFAULT.cost_contexts
-VERIFY_PATH = 5  # bumped when the verification forward changes, so cached curves are re-measured
-CACHE_FORMAT = 2  # the cache file's layout (2: spread, seconds of a 0-node step and the learned state)
+VERIFY_PATH = 6  # bumped when the verification forward changes, so cached curves are re-measured
+CACHE_FORMAT = 3  # the cache file's layout (2: spread, seconds of a 0-node step, the learned state; 3: the path)
 ROUNDS = 9  # interleaved rounds over all sizes (after one warm-up round)
 SPREAD_LIMIT = 0.10  # median relative interquartile range above which the machine was busy: measure again
 RETRIES = 2  # further attempts when busy; the least noisy attempt is kept
@@ -51,16 +53,28 @@ SAVE_INTERVAL = 5.0  # seconds between writes of the learned curve
 class CostCurve:
     """c(n) for every n in 0..max_nodes, from measurements at ``sizes`` (linear in between);
     ``seconds0``: the seconds of a 0-node step it was measured with; ``spread``: the median
-    relative interquartile range of the timings (0 when unknown)."""
+    relative interquartile range of the timings (0 when unknown); ``kernel``: per size,
+    whether ``decode.skinny``'s kernel was faster there than BLAS (empty: the kernel at
+    every size)."""
 
     sizes: tuple[int, ...]
     costs: tuple[float, ...]
     seconds0: float = 1.0
     spread: float = 0.0
+    kernel: tuple[bool, ...] = ()
 
     def table(self) -> np.ndarray:
         """float64 [max_nodes + 1]: c(n) for n = 0 .. max(sizes)."""
         return np.interp(np.arange(self.sizes[-1] + 1), self.sizes, self.costs)
+
+    def kernel_rows(self) -> np.ndarray:
+        """bool [MAX_ROWS + 1] for ``KernelSettings.kernel_rows``: whether a forward of r rows
+        (r - 1 nodes) runs the kernel, as at the largest measured size up to r - 1."""
+        rows = np.ones(MAX_ROWS + 1, bool)
+        if self.kernel:
+            at = np.searchsorted(self.sizes, np.arange(MAX_ROWS), side="right") - 1  # n = r - 1
+            rows[1:] = np.asarray(self.kernel, bool)[at]
+        return rows
 
 
 def _key(model, context: int, threads: int) -> str:
@@ -92,19 +106,24 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int = ROUNDS,
-                kernels: Callable = verification_kernels, desc: str | None = None) -> np.ndarray:
-    """float64 [rounds, len(sizes)]: seconds of a verification forward of 1 + n tokens (a chain
-    of n drafts, with its tree mask and cache as ``generate`` runs them, LM head included) over
-    a cache of ``context`` random tokens, within ``kernels(model)``. Sizes are interleaved
-    round-robin, so a burst of load hits one round of every size rather than all of one size;
-    one warm-up round is dropped. ``desc``: label of a progress bar (None: no bar)."""
+                kernel: tuple[bool, ...] = (True,), desc: str | None = None) -> np.ndarray:
+    """float64 [rounds, len(kernel), len(sizes)]: seconds of a verification forward of 1 + n
+    tokens (a chain of n drafts, with its tree mask and cache as ``generate`` runs them, LM
+    head included) over a cache of ``context`` random tokens, within
+    ``verification_kernels(model)``, for each path in ``kernel``: True, the linear layers run
+    ``decode.skinny``'s kernel where it serves them; False, BLAS. Sizes and paths are
+    interleaved round-robin, so a burst of load hits one round of every size rather than all
+    of one size; one warm-up round is dropped. ``desc``: label of a progress bar (None: no bar)."""
     device = model.device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     cache = new_cache(model, context + max(sizes) + 1)
     head = model.get_output_embeddings()
-    out = np.empty((rounds + 1, len(sizes)))
-    with kernels(model), tqdm(total=out.size, desc=desc, disable=desc is None, leave=False) as bar:
+    out = np.empty((rounds + 1, len(kernel), len(sizes)))
+    with verification_kernels(model) as settings, tqdm(total=out.size, desc=desc, disable=desc is None,
+                                                       leave=False) as bar:
+        routed = settings.kernel_rows  # an enclosing generate call's, restored below
+
         model.base_model(input_ids=torch.randint(0, vocab, (1, context), generator=gen).to(device),
                          cache=cache, use_cache=True)
         inputs = []
@@ -112,25 +131,30 @@ def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int
             chain = DraftTree.build(torch.randint(0, vocab, (n,), generator=gen).numpy(), np.arange(n) - 1,
                                     np.ones(n))
             inputs.append(tree_inputs(0, chain, context, device, model.dtype))
-        for r in range(rounds + 1):
-            for i, (ids, positions, mask) in enumerate(inputs):
-                _sync(device)
-                t = time.perf_counter()
-                h = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                                     cache=cache, use_cache=True).last_hidden_state
-                head(h).argmax(-1)
-                _sync(device)
-                out[r, i] = time.perf_counter() - t
-                truncate_cache(cache, context)
-                bar.update()
+        try:
+            for r in range(rounds + 1):
+                for i, (ids, positions, mask) in enumerate(inputs):
+                    for p, use in enumerate(kernel):
+                        settings.kernel_rows = np.full(MAX_ROWS + 1, use)
+                        _sync(device)
+                        t = time.perf_counter()
+                        h = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
+                                             cache=cache, use_cache=True).last_hidden_state
+                        head(h).max(-1)  # as the verifier picks its tokens
+                        _sync(device)
+                        out[r, p, i] = time.perf_counter() - t
+                        truncate_cache(cache, context)
+                        bar.update()
+        finally:
+            settings.kernel_rows = routed
     return out[1:]
 
 
 def forward_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: int = ROUNDS,
-                    kernels: Callable = verification_kernels) -> list[float]:
-    """Seconds of a verification forward for each n in ``sizes`` (see ``time_rounds``): the
-    median of ``reps`` interleaved rounds."""
-    return np.median(time_rounds(model, context, sizes, reps, kernels), axis=0).tolist()
+                    kernel: tuple[bool, ...] = (True,)) -> list[list[float]]:
+    """Seconds of a verification forward for each path in ``kernel`` and n in ``sizes`` (see
+    ``time_rounds``): the median of ``reps`` interleaved rounds."""
+    return np.median(time_rounds(model, context, sizes, reps, kernel), axis=0).tolist()
 
 
 def spread(seconds: np.ndarray) -> float:
@@ -140,12 +164,19 @@ def spread(seconds: np.ndarray) -> float:
     return float(np.median((q3 - q1) / med))
 
 
-def fit(seconds: np.ndarray) -> CostCurve:
-    """The cost curve of timings [rounds, len(SIZES)]: per-size medians, fitted non-decreasing
-    in log seconds (pools read at their centres: ``costfit.through_pools``), relative to the
-    0-node fit."""
-    s = through_pools(np.asarray(SIZES), isotonic(np.log(np.median(seconds, axis=0))))
-    return CostCurve(SIZES, tuple(np.exp(s - s[0]).tolist()), float(np.exp(s[0])), spread(seconds))
+def fit(seconds: np.ndarray, blas: np.ndarray | None = None) -> CostCurve:
+    """The cost curve of timings [rounds, len(SIZES)] with the kernel and, if given, with BLAS:
+    per size the faster path's median, fitted non-decreasing in log seconds (pools read at
+    their centres: ``costfit.through_pools``), relative to the 0-node fit."""
+    medians = np.median(seconds, axis=0)
+    kernel = np.ones(len(SIZES), bool)
+    if blas is not None:
+        kernel = medians <= np.median(blas, axis=0)
+        seconds = np.where(kernel, seconds, blas)
+        medians = np.median(seconds, axis=0)
+    s = through_pools(np.asarray(SIZES), isotonic(np.log(medians)))
+    return CostCurve(SIZES, tuple(np.exp(s - s[0]).tolist()), float(np.exp(s[0])), spread(seconds),
+                     tuple(kernel.tolist()))
 
 
 def measure(model, context: int, rounds: int = ROUNDS) -> CostCurve:
@@ -154,8 +185,10 @@ def measure(model, context: int, rounds: int = ROUNDS) -> CostCurve:
     logger.info("measuring the cost of verification at a %d-token context (%d rounds of %d sizes, once per "
                 "machine; cached under %s)", context, rounds, len(SIZES), cache_dir() / "cost")
     best = None
+    paths = (True, False) if serves(model) else (True,)
     for attempt in range(1 + RETRIES):
-        curve = fit(time_rounds(model, context, SIZES, rounds, desc=f"cost curve @ {context} tokens"))
+        curve = fit(*time_rounds(model, context, SIZES, rounds, paths, desc=f"cost curve @ {context} tokens"
+                                 ).transpose(1, 0, 2))
         if best is None or curve.spread < best.spread:
             best = curve
         if curve.spread <= SPREAD_LIMIT:
@@ -164,9 +197,11 @@ def measure(model, context: int, rounds: int = ROUNDS) -> CostCurve:
                        100 * curve.spread, 100 * SPREAD_LIMIT,
                        ": measuring again" if attempt < RETRIES else "; keeping the least noisy attempt, "
                        "steps will correct it")
+    blas = [n for n, k in zip(SIZES, best.kernel) if not k]
     logger.info("cost curve at %d tokens: c(1) = %.2f, c(16) = %.2f, c(64) = %.2f, 0-node step %.1f ms, "
-                "spread %.0f%%", context, best.costs[1], best.costs[SIZES.index(16)], best.costs[-1],
-                1000 * best.seconds0, 100 * best.spread)
+                "spread %.0f%%%s", context, best.costs[1], best.costs[SIZES.index(16)], best.costs[-1],
+                1000 * best.seconds0, 100 * best.spread,
+                f"; BLAS was faster than the few-rows kernel at n = {blas}" if blas else "")
     return best
 
 
@@ -191,7 +226,10 @@ def validated(data: dict) -> CostCurve:
         raise ValueError(f"absurd: c(n) above 4 (n + 1) (c = {np.round(c, 2).tolist()})")
     if not isinstance(s0, (int, float)) or not 0 < s0 < 60 or not isinstance(sp, (int, float)) or not 0 <= sp < math.inf:
         raise ValueError(f"seconds0 {s0!r} or spread {sp!r} out of range")
-    return CostCurve(SIZES, tuple(c.tolist()), float(s0), float(sp))
+    kernel = data.get("kernel")
+    if not isinstance(kernel, list) or len(kernel) != len(SIZES) or not all(isinstance(k, bool) for k in kernel):
+        raise ValueError(f"kernel {kernel!r} is not {len(SIZES)} booleans")
+    return CostCurve(SIZES, tuple(c.tolist()), float(s0), float(sp), tuple(kernel))
 
 
 def bucket(context: int) -> int:
@@ -230,7 +268,7 @@ class CostModel:
     def __init__(self, model):
         self.model = model
         # The caller's threads name the cache file: inside a call they follow the free cores
-        # (decode.skinny.KernelThreads), and a neighbour must not move the state elsewhere.
+        # (decode.skinny.KernelSettings), and a neighbour must not move the state elsewhere.
         self.threads = torch.get_num_threads()
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 4096)
         self.longest = max(1, limit - SIZES[-1] - 1)  # measuring must stay inside the context window
@@ -238,6 +276,7 @@ class CostModel:
         self._learners: dict[int, CurveLearner] = {}
         self._hosts: dict[str, HostLearner] = {}
         self._tables: dict[int, np.ndarray] = {}
+        self._routes: dict[int, np.ndarray] = {}
         self._dirty: set[int] = set()
         self._saved_at = 0.0
 
@@ -306,6 +345,14 @@ class CostModel:
         if b not in self._tables:
             self._tables[b] = np.interp(np.arange(SIZES[-1] + 1), SIZES, learner.costs())
         return self._tables[b]
+
+    def kernel_rows(self, context: int) -> np.ndarray:
+        """bool [MAX_ROWS + 1]: the row counts at which ``decode.skinny``'s kernel was faster
+        than BLAS at this context length (``CostCurve.kernel_rows``)."""
+        b = self._bucket(context)
+        if b not in self._routes:
+            self._routes[b] = self.curve(b).kernel_rows()
+        return self._routes[b]
 
     def overhead(self, drafting: str) -> np.ndarray:
         """float64 [max(SIZES) + 1]: d(n), host time per step of the drafter set named ``drafting`` in units
@@ -377,7 +424,8 @@ class CostModel:
     def _write(self, b: int) -> None:
         curve, learner = self._priors[b], self._learners[b]
         data = {"format": CACHE_FORMAT, "context": b, "sizes": list(curve.sizes), "costs": list(curve.costs),
-                "seconds0": curve.seconds0, "spread": curve.spread, "learned": learner.state(),
+                "seconds0": curve.seconds0, "spread": curve.spread, "kernel": list(curve.kernel),
+                "learned": learner.state(),
                 "learned_costs": [round(c, 4) for c in learner.costs().tolist()]}
         path = self.path(b)
         path.parent.mkdir(parents=True, exist_ok=True)

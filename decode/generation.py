@@ -340,12 +340,16 @@ def decode_loop(model, input_ids: torch.Tensor, spec: Speculator, d: Decoding) -
     verifier = TreeVerifier.of(model, end + spec.max_nodes + 1, spec.max_nodes, d.cuda_graphs,
                                spec.config.cost_sizes, spec.config.topk)
     with verification_kernels(model) as threads:
+        if d.costs is not None:  # BLAS or the kernel, whichever the cost curve found faster at each size
+            threads.kernel_rows = d.costs.kernel_rows(prompt_len)
         state = verifier.prefill(input_ids, spec.needs_hidden)
         if state is not None:
             spec.prime(tokens[:prompt_len], state)
         length, done = prompt_len, False
         while not done:
             threads.update()
+            if d.costs is not None:
+                threads.kernel_rows = d.costs.kernel_rows(length)
             t0 = time.perf_counter()
             tree = spec.propose(tokens[:length], room=end - length)
             t1 = time.perf_counter()

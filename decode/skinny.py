@@ -10,13 +10,15 @@ flat in the number of rows: that is the cost curve speculative decoding needs.
 
 Within ``skinny_linears(model)``, every float32 CPU ``nn.Linear`` of the model sends inputs
 of at most ``MAX_ROWS`` rows through the kernel and anything larger (a prompt's prefill) to
-``F.linear``. The sums are the same dot products in another order, so results agree with
+``F.linear``, unless the block's ``KernelSettings`` route that row count to ``F.linear``
+(where the cost curve found BLAS faster on this machine). The sums are the same dot products in another order, so results agree with
 ``F.linear`` to float32 rounding, as BLAS's own 1-row and n-row kernels agree with each other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterator
 
 import numba
@@ -167,21 +169,36 @@ def _eligible(module: torch.nn.Module) -> bool:
     return w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
 
 
-class KernelThreads:
-    """Threads for a loop of few-rows forwards on a CPU: torch's pool and the kernel's each
-    run on at most as many threads as other processes leave cores free (why: ``decode.cores``).
+def serves(model: torch.nn.Module) -> bool:
+    """Whether ``skinny_linears`` sends any of ``model``'s layers through the kernel (float32
+    linear layers on a CPU)."""
+    return any(_eligible(m) for m in model.modules())
 
-    ``update()`` (once per step) follows the free cores; the caller's thread counts are the
-    most used and are restored when the block exits. Inactive (no-op) for models the kernel
-    does not serve.
+
+class KernelSettings:
+    """How a loop of few-rows forwards on a CPU uses the kernel: for which row counts, and on
+    how many threads.
+
+    ``kernel_rows``: bool [MAX_ROWS + 1], whether a linear layer over that many rows runs the
+    kernel (else ``F.linear``); every count by default. Which is faster depends on the machine:
+    on a 2-core AMD EPYC the kernel was faster at every count up to 64, on a 2-core Xeon with
+    AVX-512 a 1-token forward took 49.5 ms with it and 42.3 ms with BLAS alone, since every
+    kernel call between torch's operations wakes a second thread pool (README, issue 10). The
+    cost curve times both (``decode.budget``) and sets this per step.
+
+    Threads: torch's pool and the kernel's each run on at most as many threads as other
+    processes leave cores free (why: ``decode.cores``). ``update()`` (once per step) follows
+    the free cores; the caller's thread counts are the most used and are restored when the
+    block exits. Inactive (no-op) for models the kernel does not serve.
     """
 
     def __init__(self, active: bool):
         self.active = active
+        self.kernel_rows = np.ones(MAX_ROWS + 1, bool)
         self.most = torch.get_num_threads(), numba.get_num_threads()
         self.threads = 0  # the free cores the pools were last set for
 
-    def __enter__(self) -> "KernelThreads":
+    def __enter__(self) -> "KernelSettings":
         self.update()
         return self
 
@@ -200,26 +217,38 @@ class KernelThreads:
             numba.set_num_threads(min(self.most[1], free))
 
 
+_blocks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its outermost block's settings
+
+
 @contextlib.contextmanager
-def skinny_linears(model: torch.nn.Module) -> Iterator[KernelThreads]:
+def skinny_linears(model: torch.nn.Module) -> Iterator[KernelSettings]:
     """Within the block, the model's float32 CPU linear layers compute inputs of at most
-    MAX_ROWS rows with ``rows_times_weights`` (a no-op on other devices and dtypes), on the
-    threads the block's ``KernelThreads`` (yielded) sets."""
-    # Modules patched already belong to an enclosing block (the cost curve is measured
-    # inside a generate call), which restores them.
+    MAX_ROWS rows with ``rows_times_weights`` where the yielded ``KernelSettings`` say so
+    (``kernel_rows``; a no-op on other devices and dtypes), on the threads they set.
+
+    A block within another for the same model (the cost curve is measured inside a generate
+    call) yields the enclosing block's settings and leaves patching and restoring to it."""
+    if model in _blocks:
+        yield _blocks[model]
+        return
     patched = [m for m in model.modules() if _eligible(m) and "forward" not in vars(m)]
+    settings = KernelSettings(bool(patched))
     for module in patched:
         weight = module.weight.detach().numpy()
 
         def forward(x: torch.Tensor, module=module, weight=weight) -> torch.Tensor:
-            if x.dtype != torch.float32 or x.numel() > MAX_ROWS * x.shape[-1] or x.requires_grad:
+            rows = x.numel() // max(1, x.shape[-1])
+            if (x.dtype != torch.float32 or rows > MAX_ROWS or x.requires_grad
+                    or not settings.kernel_rows[rows]):
                 return F.linear(x, module.weight, module.bias)
             return skinny_linear(x, weight, module.bias)
 
         module.forward = forward
+    _blocks[model] = settings
     try:
-        with KernelThreads(bool(patched)) as threads:
-            yield threads
+        with settings:
+            yield settings
     finally:
+        del _blocks[model]
         for module in patched:
             del module.forward

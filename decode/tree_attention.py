@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from retrodraft.decode.skinny import KernelThreads, skinny_linears
+from retrodraft.decode.skinny import KernelSettings, skinny_linears
 from retrodraft.retrieval.tree import DraftTree
 
 PACKED_SDPA = "retrodraft_packed_sdpa"
@@ -95,10 +95,10 @@ def packed_attention(model) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def verification_kernels(model) -> Iterator[KernelThreads]:
+def verification_kernels(model) -> Iterator[KernelSettings]:
     """Within the block, the model attends with ``packed_sdpa`` and, in float32 on a CPU,
-    multiplies a few rows by its weights with ``decode.skinny``'s kernel, on the threads of
-    the yielded ``KernelThreads`` (call its ``update()`` once per step).
+    multiplies a few rows by its weights with ``decode.skinny``'s kernel, for the row counts
+    and on the threads of the yielded ``KernelSettings`` (call its ``update()`` once per step).
 
     Both are patches of the model object (its config's attention implementation, its linear
     layers' ``forward``), undone when the block exits, also on an exception. Not

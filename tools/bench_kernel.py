@@ -8,10 +8,11 @@ interleaved, after a warm-up round, as the cost curve is measured):
             than any cache, as in a real forward) times 1-64 input rows, F.linear (BLAS) and
             the kernel, one matrix after another
   forward   one verification forward of the model (1 + n tokens, LM head included, as the
-            cost curve measures it) over a cache of --context tokens, with packed attention
-            only (BLAS linear layers) and with the kernel as ``generate`` runs it
+            cost curve measures it) over a cache of --context tokens, with the linear layers
+            on BLAS and on the kernel (interleaved)
 and last the cost curve c(n) the budget uses at --context (from the disk cache, checked, else
-measured; with what earlier runs' steps taught it).
+measured; with what earlier runs' steps taught it) and the path ``generate`` takes at each n:
+the faster of the two where the cost curve was measured.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import torch.nn.functional as F
 from retrodraft.decode import load_model
 from retrodraft.decode.budget import CostModel, forward_seconds
 from retrodraft.decode.skinny import rows_times_weights
-from retrodraft.decode.tree_attention import packed_attention
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 TREE_SIZES = (0, 1, 2, 4, 8, 16, 32, 64)
@@ -79,16 +79,16 @@ def main(argv: list[str] | None = None) -> None:
     print(row("`F.linear` (BLAS)", blas))
     print(row("`decode.skinny` kernel", kernel))
 
-    with_blas = forward_seconds(model, args.context, TREE_SIZES, args.reps, kernels=packed_attention)
-    with_kernel = forward_seconds(model, args.context, TREE_SIZES, args.reps)
+    with_blas, with_kernel = forward_seconds(model, args.context, TREE_SIZES, args.reps, kernel=(False, True))
     print(f"\nforward of 1 + n tokens over {args.context} cached tokens, ms\n")
     print("| n | " + " | ".join(map(str, TREE_SIZES)) + " |\n|---|" + "---|" * len(TREE_SIZES))
     print(row("BLAS linear layers", [s * 1000 for s in with_blas]))
-    print(row("kernel (as `generate`)", [s * 1000 for s in with_kernel]))
-    curve = CostModel.of(model).table(args.context)
+    print(row("`decode.skinny` kernel", [s * 1000 for s in with_kernel]))
+    costs = CostModel.of(model)
+    curve, rows = costs.table(args.context), costs.kernel_rows(args.context)
     print(f"\ncost curve the budget uses at {args.context}: "
           + ", ".join(f"c({n}) = {curve[n]:.2f}" for n in TREE_SIZES[1:]))
-
+    print("path generate takes: " + ", ".join(f"n = {n}: {'kernel' if rows[n + 1] else 'BLAS'}" for n in TREE_SIZES))
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import tiny_model
 from retrodraft.decode import budget
 from retrodraft.decode.budget import SIZES, CostCurve, CostModel, bucket, choose_budget
+from retrodraft.decode.skinny import MAX_ROWS
 
 
 def curve(costs):
@@ -93,7 +94,7 @@ def write_cache(model, context, costs, seconds0=T0, spread=0.02, **extra):
     path = CostModel(model).path(context)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"format": CACHE_FORMAT, "context": context, "sizes": list(SIZES), "costs": list(map(float, costs)),
-            "seconds0": seconds0, "spread": spread, **extra}
+            "seconds0": seconds0, "spread": spread, "kernel": [True] * len(SIZES), **extra}
     path.write_text(json.dumps(data))
     return path
 
@@ -109,6 +110,8 @@ def sane(table):
     {"costs": [1] + [1e6] * (len(SIZES) - 1)},  # absurd
     {"sizes": [0, 1, 2]},
     {"seconds0": -1.0},
+    {"kernel": [1] * len(SIZES)},  # not booleans
+    {"kernel": [True, False]},
 ])
 def test_a_poisoned_cached_curve_is_measured_again(quick_measure, caplog, poison):
     model = tiny_model("llama")
@@ -145,7 +148,7 @@ def test_the_fitted_curve_never_decreases(base, noise, seed):
     curve = fit(seconds)
     assert sane(np.asarray(curve.costs)) and sane(curve.table())
     validated({"format": CACHE_FORMAT, "sizes": list(SIZES), "costs": list(curve.costs),
-               "seconds0": curve.seconds0, "spread": curve.spread})
+               "seconds0": curve.seconds0, "spread": curve.spread, "kernel": list(curve.kernel)})
 
 
 @settings(max_examples=200, deadline=None)
@@ -195,6 +198,52 @@ def test_measured_curve_does_not_go_flat_where_timings_cross():
     rows[:, SIZES.index(12)] = rows[:, SIZES.index(16)] * 1.05  # noise put 12 above 16
     curve = fit(rows)
     assert curve.costs[SIZES.index(12)] < curve.costs[SIZES.index(16)]
+
+
+def test_each_size_takes_the_faster_linear_path():
+    """Where BLAS was faster (a Xeon's 1-token forward: a second thread pool's wake-ups cost
+    more than the kernel saves), the curve is BLAS's timing and steps of that size use BLAS."""
+    kernel = np.tile(np.asarray(TRUE_COSTS) * T0, (9, 1))
+    blas = kernel * np.where(np.asarray(SIZES) <= 2, 0.8, 1.2)
+    curve = fit(kernel, blas)
+    assert curve.kernel == tuple(n > 2 for n in SIZES)
+    assert curve.seconds0 == pytest.approx(0.8 * T0)
+    np.testing.assert_allclose(np.asarray(curve.costs) * curve.seconds0,
+                               np.minimum(kernel, blas)[0], rtol=1e-9)
+    rows = curve.kernel_rows()
+    assert rows.shape == (MAX_ROWS + 1,)
+    assert not rows[1:4].any() and rows[4:].all()  # 0-2 nodes on BLAS, 3 and more on the kernel
+    assert fit(kernel).kernel == (True,) * len(SIZES)  # BLAS not timed: the kernel everywhere
+
+
+def test_a_size_between_measured_ones_takes_the_path_of_the_one_below():
+    flags = [n not in (4, 32, 48, 64) for n in SIZES]
+    rows = CostCurve(SIZES, tuple(TRUE_COSTS), kernel=tuple(flags)).kernel_rows()
+    assert not rows[4 + 1] and not rows[5 + 1] and rows[6 + 1]  # 5 nodes: as at 4
+    assert not rows[31 + 1 + 1] and not rows[MAX_ROWS]  # past 64 nodes: as at 64
+    assert CostCurve(SIZES, tuple(TRUE_COSTS)).kernel_rows().all()  # no paths recorded: the kernel
+
+
+def test_measuring_times_both_paths_and_routes_generate_by_them(quick_measure, monkeypatch):
+    from retrodraft.decode import generate
+    from retrodraft.decode import skinny
+
+    model = tiny_model("llama")
+    seconds = budget.time_rounds(model, 50, (0, 4), 2, (True, False))
+    assert seconds.shape == (2, 2, 2) and np.all(seconds > 0)
+    calls = []
+    real = skinny.rows_times_weights
+    monkeypatch.setattr(skinny, "rows_times_weights", lambda x, w, out: calls.append(len(x)) or real(x, w, out))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3]])
+    want = model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    write_cache(model, ids.shape[1], TRUE_COSTS, kernel=[False] * len(SIZES))  # BLAS faster everywhere
+    CostModel._instances.pop(model, None)
+    assert generate(model, ids, max_new_tokens=20, eos_token_id=[]).sequences.tolist() == want.tolist()
+    assert calls == []
+    write_cache(model, ids.shape[1], TRUE_COSTS, kernel=[True] * len(SIZES))
+    CostModel._instances.pop(model, None)
+    assert generate(model, ids, max_new_tokens=20, eos_token_id=[]).sequences.tolist() == want.tolist()
+    assert calls  # the kernel where it was faster
 
 
 def synthetic_steps(learner, steps, rng, load=1.0, outliers=0.0, sizes=SIZES):

@@ -65,7 +65,7 @@ def test_tokenizer_output_goes_straight_in(smollm):
 def test_a_poisoned_cost_cache_is_measured_again_and_greedy_output_is_unchanged(smollm, tmp_path, monkeypatch):
     import numpy as np
 
-    from retrodraft.decode.budget import SIZES, CostModel, validated
+    from retrodraft.decode.budget import CACHE_FORMAT, SIZES, CostModel, validated
 
     model, tok = smollm
     monkeypatch.setenv("RETRODRAFT_CACHE", str(tmp_path))
@@ -76,7 +76,8 @@ def test_a_poisoned_cost_cache_is_measured_again_and_greedy_output_is_unchanged(
     path = CostModel(model).path(ids.shape[1])
     path.parent.mkdir(parents=True)
     poisoned = [1, 5.47, 1.0, 6.98, 1, 1, 1, 1, 1, 1, 1, 1, 0.91]  # the cache: c(64) < c(1)
-    path.write_text(json.dumps({"format": 2, "sizes": list(SIZES), "costs": poisoned, "seconds0": 0.1, "spread": 0}))
+    path.write_text(json.dumps({"format": CACHE_FORMAT, "sizes": list(SIZES), "costs": poisoned, "seconds0": 0.1,
+                                "spread": 0, "kernel": [True] * len(SIZES)}))
     out = generate(model, ids, max_new_tokens=NEW_TOKENS)
     assert torch.equal(out.sequences, want)
     data = json.loads(path.read_text())

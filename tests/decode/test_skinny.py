@@ -51,12 +51,27 @@ def test_generation_with_the_kernel_equals_model_generate():
     assert out.sequences.tolist() == want.tolist()
 
 
-def test_nested_contexts_restore_once():
+def test_row_counts_the_settings_send_to_blas_skip_the_kernel(monkeypatch):
+    model = tiny_model("llama")
+    layer = model.model.layers[0].mlp.up_proj
+    calls = []
+    monkeypatch.setattr("retrodraft.decode.skinny.rows_times_weights",
+                        lambda x, w, out: calls.append(x.shape[0]) or out.__setitem__(..., x @ w.T))
+    with torch.inference_mode(), skinny_linears(model) as settings:
+        settings.kernel_rows = np.arange(MAX_ROWS + 1) % 2 == 1  # odd row counts only
+        for rows in (1, 2, 3, 4):
+            x = torch.randn(1, rows, layer.in_features)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    assert calls == [1, 3]
+
+
+def test_nested_contexts_restore_once_and_share_the_settings():
     model = tiny_model("llama")
     layer = model.lm_head
-    with skinny_linears(model):
+    with skinny_linears(model) as outer:
         patched = layer.forward
-        with skinny_linears(model):
+        with skinny_linears(model) as inner:
             assert layer.forward is patched
+            assert inner is outer  # what an inner block routes, the outer block's layers follow
         assert layer.forward is patched  # still the outer block's
     assert "forward" not in vars(layer)
