@@ -6,8 +6,8 @@ device, dtype, thread count and context bucket (sizes interleaved round-robin, a
 size, a non-decreasing fit, re-measured while the spread says the machine was busy) and
 cached on disk with its spread. On a CPU each size is timed with ``decode.skinny``'s kernel
 and with BLAS, and steps of that size then take the faster (which one wins depends on the
-machine: ``decode.skinny.KernelSettings``); a cached curve is checked when read and measured again if it
-fails. Then every step of ``generate`` is folded in (``CostModel.observe``), so a wrong start
+machine: ``decode.skinny.KernelSettings``). A cached curve is checked when read and measured
+again if it fails. Then every step of ``generate`` is folded in (``CostModel.observe``), so a wrong start
 corrects itself and the curve follows the machine's load; the learned part is saved with the
 cache. Drafting and other host time per step is learned the same way, in units of a 0-node
 forward, and belongs in the step's cost.
@@ -123,7 +123,6 @@ def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int
     with verification_kernels(model) as settings, tqdm(total=out.size, desc=desc, disable=desc is None,
                                                        leave=False) as bar:
         routed = settings.kernel_rows  # an enclosing generate call's, restored below
-
         model.base_model(input_ids=torch.randint(0, vocab, (1, context), generator=gen).to(device),
                          cache=cache, use_cache=True)
         inputs = []

@@ -11,8 +11,9 @@ flat in the number of rows: that is the cost curve speculative decoding needs.
 Within ``skinny_linears(model)``, every float32 CPU ``nn.Linear`` of the model sends inputs
 of at most ``MAX_ROWS`` rows through the kernel and anything larger (a prompt's prefill) to
 ``F.linear``, unless the block's ``KernelSettings`` route that row count to ``F.linear``
-(where the cost curve found BLAS faster on this machine). The sums are the same dot products in another order, so results agree with
-``F.linear`` to float32 rounding, as BLAS's own 1-row and n-row kernels agree with each other.
+(where the cost curve found BLAS faster on this machine). The sums are the same dot products
+in another order, so results agree with ``F.linear`` to float32 rounding, as BLAS's own
+1-row and n-row kernels agree with each other.
 """
 
 from __future__ import annotations
@@ -181,10 +182,11 @@ class KernelSettings:
 
     ``kernel_rows``: bool [MAX_ROWS + 1], whether a linear layer over that many rows runs the
     kernel (else ``F.linear``); every count by default. Which is faster depends on the machine:
-    on a 2-core AMD EPYC the kernel was faster at every count up to 64, on a 2-core Xeon with
-    AVX-512 a 1-token forward took 49.5 ms with it and 42.3 ms with BLAS alone, since every
-    kernel call between torch's operations wakes a second thread pool (README, issue 10). The
-    cost curve times both (``decode.budget``) and sets this per step.
+    on a 2-core AMD EPYC the kernel was faster at every count up to 64; on a 2-core Xeon with
+    AVX-512 a 1-token forward at 1024 cached tokens took 38.2 ms with it and 35.2 ms with BLAS
+    alone (each kernel call between torch's operations wakes a second thread pool), and BLAS
+    won again from 33 rows (README, issue 10). The cost curve times both (``decode.budget``)
+    and ``generate`` sets this from it per step.
 
     Threads: torch's pool and the kernel's each run on at most as many threads as other
     processes leave cores free (why: ``decode.cores``). ``update()`` (once per step) follows
