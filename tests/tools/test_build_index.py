@@ -125,6 +125,7 @@ def test_unwritable_out_and_append_are_one_line_errors(tmp_path, tok):
     """Issue 12 item 14: root passes permission checks, so the tool runs without the capabilities that allow it."""
     if os.geteuid() != 0:
         pytest.skip("needs root to chown to nobody")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "retrieval"))  # found also when tests/tools runs alone
     from test_store_hardening import DROP_DAC, give_to_nobody
 
     corpus = tmp_path / "a.md"
