@@ -123,6 +123,7 @@ def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int
     with verification_kernels(model) as settings, tqdm(total=out.size, desc=desc, disable=desc is None,
                                                        leave=False) as bar:
         routed = settings.kernel_rows  # an enclosing generate call's, restored below
+        routes = [np.full(MAX_ROWS + 1, use) for use in kernel]
         model.base_model(input_ids=torch.randint(0, vocab, (1, context), generator=gen).to(device),
                          cache=cache, use_cache=True)
         inputs = []
@@ -133,8 +134,8 @@ def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int
         try:
             for r in range(rounds + 1):
                 for i, (ids, positions, mask) in enumerate(inputs):
-                    for p, use in enumerate(kernel):
-                        settings.kernel_rows = np.full(MAX_ROWS + 1, use)
+                    for p, route in enumerate(routes):
+                        settings.kernel_rows = route
                         _sync(device)
                         t = time.perf_counter()
                         h = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
