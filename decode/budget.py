@@ -234,7 +234,8 @@ def validated(data: dict) -> CostCurve:
 
 def bucket(context: int) -> int:
     """The measured context length standing for ``context`` (nearest on a log scale)."""
-    return min(BUCKETS, key=lambda b: abs(np.log(b) - np.log(max(context, 1))))
+    at = math.log(max(context, 1))
+    return min(BUCKETS, key=lambda b: abs(math.log(b) - at))
 
 
 def _check_step(context, nodes, seconds, what: str = "seconds") -> None:

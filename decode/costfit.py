@@ -23,6 +23,13 @@ MAX_COUNT = 1000  # evidence counted per bin, so a long history still yields to 
 HOST_WINDOW = 64  # recent (nodes, host time) pairs per drafter set
 
 
+def _median(values) -> float:
+    """np.median of a few numbers, without numpy's per-call overhead (it runs every step)."""
+    s = sorted(values)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2
+
+
 def isotonic(y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
     """The non-decreasing sequence closest to ``y`` in weighted least squares
     (pool-adjacent-violators). y, w: float [m], w > 0; returns float64 [m]."""
@@ -60,7 +67,7 @@ def through_pools(x: np.ndarray, f: np.ndarray) -> np.ndarray:
     f = np.asarray(f, np.float64)
     starts = np.flatnonzero(np.r_[True, np.diff(f) != 0])
     ends = np.r_[starts[1:], len(f)]
-    centres = np.array([x[a:b].mean() for a, b in zip(starts, ends)])
+    centres = np.add.reduceat(x, starts) / (ends - starts)
     values = f[starts]
     if len(centres) == 1:
         return np.full(len(x), values[0])
@@ -108,13 +115,13 @@ class CurveLearner:
             sure = np.flatnonzero(self.counts > self.prior_weight)  # observations outnumber the prior
             shift = np.zeros(len(self.sizes))
             if len(sure):
-                medians = np.array([np.median(self.windows[b]) for b in sure])
+                medians = np.array([_median(self.windows[b]) for b in sure])
                 shift = np.interp(self.sizes, self.sizes[sure], medians - self.prior[sure])
             guess = self.prior + shift  # the prior, moved as far as the well-observed sizes say it is off
             est = guess.copy()
             weight = self.prior_weight * np.minimum(1.0, AGREE / np.maximum(np.abs(shift), 1e-12))
             for b in seen:
-                est[b] = np.median([*self.windows[b], *[guess[b]] * self.prior_weight])
+                est[b] = _median([*self.windows[b], *[float(guess[b])] * self.prior_weight])
                 weight[b] = self.prior_weight + min(int(self.counts[b]), MAX_COUNT)
             self._fit = through_pools(self.sizes, isotonic(est, weight))
         return self._fit
@@ -140,8 +147,8 @@ class CurveLearner:
         if len(win) >= 3:
             # where this step puts the machine's level; the median of the last few such readings
             # follows a lasting change within LEVEL_STEPS // 2 + 1 steps and ignores one outlier
-            self._levels.append(x - float(np.median(win)))
-            self.level = float(np.median(self._levels))
+            self._levels.append(x - _median(win))
+            self.level = _median(self._levels)
         win.append(x - self.level)
         self.counts[b] += 1
         self._fit = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from retrodraft.index import tree_paths
 from retrodraft.index.recycling import TokenRecycling
 from retrodraft.retrieval.config import DEFAULT
 from retrodraft.retrieval.tree import DraftTree
@@ -53,6 +54,7 @@ class Calibrator:
 
     def __init__(self, names: tuple[str, ...] = ()):
         self.names: list[str] = []
+        self._ids: dict[str, int] = {}  # position of each name in ``names``
         self.seen = self.hits = self.raw = np.zeros((0, VERDICTS, DEPTHS, BUCKETS))
         # per prediction bin: decided nodes, sum of their calibrated scores, accepted ones
         self.reliability = np.zeros((BINS, 3))
@@ -60,11 +62,13 @@ class Calibrator:
             self._index(name)
 
     def _index(self, name: str) -> int:
-        if name not in self.names:
+        k = self._ids.get(name)
+        if k is None:
+            k = self._ids[name] = len(self.names)
             self.names.append(name)
             grow = np.zeros((1, VERDICTS, DEPTHS, BUCKETS))
             self.seen, self.hits, self.raw = (np.concatenate([a, grow]) for a in (self.seen, self.hits, self.raw))
-        return self.names.index(name)
+        return k
 
     def _cells(self, tree: DraftTree, name: str | list[str], verdict: np.ndarray | None) -> tuple[np.ndarray, ...]:
         """(source, verdict, depth, score bucket) of every node; ``name`` is the source of
@@ -91,9 +95,7 @@ class Calibrator:
         prior = np.where(seen > 0, self.raw[cell] / np.maximum(seen, 1), tree.scores)
         rate = (hits + weight * prior) / (seen + weight)
         scores = rate.astype(np.float32)
-        for i, p in enumerate(tree.parents.tolist()):
-            if p >= 0 and scores[i] > scores[p]:
-                scores[i] = scores[p]
+        tree_paths.path_minimum(scores, tree.parents)
         return DraftTree(tree.tokens, tree.parents, scores, tree.sources, tree.origins)
 
     def observe(self, tree: DraftTree, name: str | list[str], emitted: np.ndarray, verdict: np.ndarray | None = None,
@@ -105,16 +107,7 @@ class Calibrator:
         n = len(tree)
         if n == 0 or len(emitted) == 0:
             return
-        depth = tree.depths()
-        right = np.zeros(n, bool)
-        known = np.zeros(n, bool)
-        for i, p in enumerate(tree.parents.tolist()):
-            parent_right = True if p < 0 else right[p]
-            parent_known = True if p < 0 else known[p]
-            if not parent_known or (parent_right and depth[i] > len(emitted)):
-                continue  # the path reaches past what was emitted: undecided
-            known[i] = True
-            right[i] = parent_right and tree.tokens[i] == emitted[depth[i] - 1]
+        known, right = tree_paths.outcomes(tree.tokens, tree.parents, np.asarray(emitted))
         cell = tuple(c[known] for c in self._cells(tree, name, verdict))
         np.add.at(self.seen, cell, 1.0)
         np.add.at(self.hits, cell, right[known].astype(np.float64))
@@ -151,6 +144,7 @@ class Calibrator:
         """A calibrator from ``state()`` arrays; ValueError if they are not well-formed counts."""
         c = cls()
         c.names = [str(n) for n in arrays["names"]]
+        c._ids = {n: k for k, n in enumerate(c.names)}
         c.seen, c.hits, c.raw = (np.array(arrays[k], np.float64) for k in ("seen", "hits", "raw"))
         if c.seen.ndim == 3:  # saved before verdicts: what was learned seeds every verdict
             c.seen, c.hits, c.raw = (np.repeat(a[:, None], VERDICTS, axis=1) for a in (c.seen, c.hits, c.raw))

@@ -116,6 +116,7 @@ class Speculator:
         self._tree: DraftTree | None = None
         self._proposed: list[_Proposal] = []
         self._first: int | None = None  # context length before the first observed step
+        self._agree: dict[int, str] = {}  # source bit mask -> its calibration source name
 
     @property
     def max_nodes(self) -> int:
@@ -167,7 +168,10 @@ class Speculator:
 
     def _agreeing(self, mask: int) -> str:
         """The calibration source of a fused node proposed by the drafters in ``mask``."""
-        return "fused:" + "+".join(d.name for k, d in enumerate(self.drafters) if mask >> k & 1)
+        name = self._agree.get(mask)
+        if name is None:
+            name = self._agree[mask] = "fused:" + "+".join(d.name for k, d in enumerate(self.drafters) if mask >> k & 1)
+        return name
 
     def _cost_table(self, length: int) -> np.ndarray:
         return self._cost(length) if callable(self._cost) else self._cost

@@ -12,14 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from retrodraft.index import tree_paths
+
 
 def depths_of(parents: np.ndarray) -> np.ndarray:
     """int32[n] node depths (1 = child of the root) from topologically ordered parents."""
-    d = np.ones(parents.shape[0], np.int32)
-    for i, p in enumerate(parents.tolist()):
-        if p >= 0:
-            d[i] = d[p] + 1
-    return d
+    return tree_paths.depths(np.asarray(parents))
 
 
 @dataclass(frozen=True)
@@ -211,20 +209,7 @@ def exclusive(tree: DraftTree) -> DraftTree:
     their parent's (1 under the root). Where they do, they are scaled down together with
     their subtrees. Fused trees need it: each source is calibrated alone, and two sources
     confidently proposing different tokens cannot both be right."""
-    n = len(tree)
-    if n == 0:
+    if len(tree) == 0:
         return tree
-    scores = tree.scores.astype(np.float64)
-    factor = np.ones(n + 1)  # cumulative scale of each node's subtree; the root's at index n
-    order = np.argsort(tree.parents, kind="stable")  # children grouped by parent, root's first
-    parents = tree.parents[order]
-    starts = np.flatnonzero(np.diff(parents, prepend=-2))
-    for a, b in zip(starts, np.append(starts[1:], n)):
-        p = int(parents[a])
-        kids = order[a:b]
-        vals = scores[kids] * factor[p]
-        cap = 1.0 if p < 0 else scores[p]
-        scale = min(1.0, cap / vals.sum()) if vals.sum() > 0 else 1.0
-        scores[kids] = vals * scale
-        factor[kids] = factor[p] * scale
+    scores = tree_paths.exclusive_scores(tree.scores.astype(np.float64), tree.parents)
     return DraftTree(tree.tokens, tree.parents, scores.astype(np.float32), tree.sources, tree.origins)
