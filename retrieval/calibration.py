@@ -43,7 +43,7 @@ def verdicts(tree: DraftTree, last_token: int, recycling: TokenRecycling | None)
         return None
     after = np.where(tree.parents >= 0, tree.tokens[tree.parents], last_token)
     rank = recycling.ranks(after, tree.tokens)
-    return np.select([rank < 0, rank == 0, rank < recycling.k], [0, 1, 2], 3)
+    return (rank >= 0).astype(np.int64) + (rank >= 1) + (rank >= recycling.k)  # the codes above, in order
 
 
 class Calibrator:

@@ -166,40 +166,10 @@ def fuse(trees: list[DraftTree], budget: int | None = None) -> DraftTree:
     if len(trees) == 1:
         fused = trees[0]
     else:
-        index: dict[tuple[int, int], int] = {}
-        tokens: list[int] = []
-        parents: list[int] = []
-        scores: list[float] = []
-        sources: list[int] = []
-        origins: list[int] = []
-        for t in trees:
-            remap = np.empty(len(t), np.int64)
-            for i, (tok, par, sc, src, org) in enumerate(
-                zip(t.tokens.tolist(), t.parents.tolist(), t.scores.tolist(),
-                    t.sources.tolist(), t.origins.tolist())
-            ):
-                fp = -1 if par < 0 else int(remap[par])
-                j = index.get((fp, tok))
-                if j is None:
-                    j = index[(fp, tok)] = len(tokens)
-                    tokens.append(tok)
-                    parents.append(fp)
-                    scores.append(sc)
-                    sources.append(src)
-                    origins.append(org)
-                else:
-                    sources[j] |= src
-                    if org >= 0 and (origins[j] < 0 or sc > scores[j]):
-                        origins[j] = org
-                    scores[j] = max(scores[j], sc)
-                remap[i] = j
-        fused = DraftTree(
-            np.array(tokens, np.int32),
-            np.array(parents, np.int32),
-            np.array(scores, np.float32),
-            np.array(sources, np.uint8),
-            np.array(origins, np.int64),
-        )
+        starts = np.cumsum([0] + [len(t) for t in trees])
+        m, *merged = tree_paths.merge(*(np.concatenate([getattr(t, f) for t in trees])
+                                        for f in ("tokens", "parents", "scores", "sources", "origins")), starts)
+        fused = DraftTree(*(a[:m] for a in merged))
     return fused if budget is None else prune(fused, budget)
 
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retrodraft.index.recycling import TokenRecycling
+from retrodraft.index.recycling import TokenRecycling, top_k_rows
 
 
 def best_first_oracle(rows, last, budget, top1_rate, rank_decay):
@@ -150,3 +150,21 @@ def test_ranks_place_a_token_in_the_targets_latest_top_k():
     tokens = np.array([4, 6, 9, 8, 4])
     # top-1, third, absent from row 1; second in row 2; row 3 never filled
     assert tr.ranks(after, tokens).tolist() == [0, 2, 3, 1, -1]
+
+
+@pytest.mark.parametrize("rows, vocab, k", [(1, 8, 8), (3, 50, 8), (17, 49152, 8), (2, 1000, 1), (5, 33, 4)])
+def test_top_k_rows_are_torch_topk(rows, vocab, k):
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(rows * vocab).standard_normal((rows, vocab)).astype(np.float32)
+    out = np.full((rows, k), -7, np.int64)
+    top_k_rows(x, out)
+    assert np.array_equal(out, torch.from_numpy(x).topk(k, dim=-1).indices.numpy())
+
+
+def test_top_k_rows_keep_the_lower_column_first_among_equal_values():
+    x = np.zeros((2, 70), np.float32)
+    x[0, 50] = 1.0
+    x[1, 60:70] = -np.inf  # never enter past the first k
+    out = np.empty((2, 4), np.int64)
+    top_k_rows(x, out)
+    assert out.tolist() == [[50, 0, 1, 2], [0, 1, 2, 3]]
