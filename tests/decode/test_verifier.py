@@ -156,3 +156,21 @@ def test_steps_are_timed_with_the_host_share():
     assert stats.draft_seconds + stats.verify_seconds <= stats.step_seconds
     assert stats.host_seconds == pytest.approx(stats.step_seconds - stats.wait_seconds)
     assert "host busy" in stats.summary()
+
+
+def test_top_k_rows_are_the_targets_top_k_after_each_row():
+    """What the recycling drafter learns from: each verified row's input token, then the
+    target's top-k after the row's path (here checked against plain forwards of each path)."""
+    model = tiny_model("llama")
+    tree = DraftTree.build([10, 11, 12], [-1, 0, -1])
+    root, past = int(REPETITIVE[0, -1]), REPETITIVE.shape[1] - 1
+    with torch.inference_mode():
+        with verification_kernels(model):
+            verifier = TreeVerifier(model, 64, 8, topk=8)
+            verifier.prefill(REPETITIVE)
+            _, _, rows, _ = verifier.verify(tree, root, past, None, True)
+        assert rows[:, 0].tolist() == [root, 10, 11, 12]
+        for row, path in enumerate([[], [10], [10, 11], [12]]):
+            ids = torch.cat([REPETITIVE, torch.tensor([path], dtype=REPETITIVE.dtype)], dim=1)
+            logits = model(ids).logits[0, -1]
+            assert rows[row, 1:].tolist() == logits.topk(8).indices.tolist()
