@@ -154,18 +154,18 @@ class CurveLearner:
         self._fit = None
 
     def state(self) -> dict:
-        """What to persist: the prior this run started from (log seconds per size), each bin's
-        recent observations and its evidence count."""
-        return {"prior": self.prior.tolist(),
+        """What to persist: the prior this run started from (log seconds per size), the
+        machine's level when it ended, each bin's recent observations and its evidence count."""
+        return {"prior": self.prior.tolist(), "level": round(self.level, 6),
                 "windows": [[round(v, 6) for v in w] for w in self.windows], "counts": self.counts.tolist()}
 
     def restore(self, state: dict) -> float:
         """Start from another run's ``state()``: its fitted curve becomes the prior, with its
         shape held within TRUST of this learner's measured prior at every size (that run timed
         its steps under another load; this run's steps overrule it within a few steps per
-        size). Returns how far, in log units, the restored shape departed from the measured
-        one at the sizes that run observed more than its prior: past TRUST, the measurement
-        itself is in doubt. Raises ValueError (and changes nothing) if the state does not fit."""
+        size), and its last level (how fast the machine ran) as this run's first. Returns how
+        far, in log units, the restored shape departed from the measured one at the sizes that
+        run observed more than its prior: past TRUST, the measurement itself is in doubt. Raises ValueError (and changes nothing) if the state does not fit."""
         windows, counts = state.get("windows"), state.get("counts")
         prior = state.get("prior", self.measured.tolist())
         if not all(isinstance(v, list) and len(v) == len(self.sizes) for v in (windows, counts, prior)):
@@ -176,6 +176,9 @@ class CurveLearner:
             raise ValueError("learned state holds non-finite or absurd log seconds")
         if any(not isinstance(c, int) or c < len(v) for c, v in zip(counts, values[1:])):
             raise ValueError("learned state's counts do not match its observations")
+        level = state.get("level", 0.0)  # absent: saved before levels were
+        if not isinstance(level, (int, float)) or not abs(level) <= 20:
+            raise ValueError(f"learned state's level {level!r} is not a finite log ratio")
         then = CurveLearner(tuple(self.sizes), values[0], self.prior_weight)
         for win, v in zip(then.windows, values[1:]):
             win.extend(v.tolist())
@@ -188,7 +191,9 @@ class CurveLearner:
             win.clear()
         self.counts = np.zeros(len(self.sizes), np.int64)
         self._levels.clear()
-        self.level = 0.0
+        # the speed that run last saw, against this measurement: a machine slower now than
+        # when it was measured predicts its first steps right, before this run's own readings
+        self.level = float(level + f[0] - self.measured[0])
         self._fit = None
         return float(np.max(np.abs(departure[sure]), initial=0.0))
 

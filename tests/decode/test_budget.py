@@ -306,6 +306,24 @@ def test_learned_state_round_trips_and_rejects_garbage():
             again.restore(bad)
 
 
+def test_the_next_run_starts_at_the_speed_the_last_one_ended_at():
+    """A machine slower now than when its curve was measured (a neighbour, a smaller VM): the
+    run after one that timed it predicts its very first step at that speed, not the measured."""
+    measured = np.log(T0 * TRUE_COSTS)
+    before = CurveLearner(SIZES, measured)
+    synthetic_steps(before, 120, np.random.default_rng(7), load=1.8)
+    assert np.exp(before.log_seconds(4)) == pytest.approx(1.8 * T0 * TRUE_COSTS[4], rel=0.08)
+    state = json.loads(json.dumps(before.state()))
+    again = CurveLearner(SIZES, measured)
+    again.restore(state)
+    assert np.exp(again.log_seconds(4)) == pytest.approx(1.8 * T0 * TRUE_COSTS[4], rel=0.08)
+    np.testing.assert_allclose(again.costs(), TRUE_COSTS, rtol=0.08)  # the shape as measured
+    old = CurveLearner(SIZES, measured)
+    old.restore({k: v for k, v in state.items() if k != "level"})  # saved before levels were: no error
+    with pytest.raises(ValueError, match="level"):
+        CurveLearner(SIZES, measured).restore({**state, "level": float("nan")})
+
+
 def test_a_load_that_comes_and_goes_moves_the_level_not_the_shape():
     """Bursts of a neighbour's work (1x to 8x, a few steps to a few dozen) while the engine
     picks sizes as it does (many 0-node steps, few large trees)."""
