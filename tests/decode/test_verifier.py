@@ -174,3 +174,12 @@ def test_top_k_rows_are_the_targets_top_k_after_each_row():
             ids = torch.cat([REPETITIVE, torch.tensor([path], dtype=REPETITIVE.dtype)], dim=1)
             logits = model(ids).logits[0, -1]
             assert rows[row, 1:].tolist() == logits.topk(8).indices.tolist()
+
+
+def test_a_top_k_larger_than_the_vocabulary_is_torchs_clear_error():
+    from retrodraft.decode.verifier import top_k
+
+    logits = torch.randn(3, 5)
+    assert top_k(logits, 5).tolist() == logits.topk(5).indices.tolist()
+    with pytest.raises(RuntimeError, match="out of range"):
+        top_k(logits, 8)  # never read past a row's end
