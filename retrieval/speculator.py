@@ -158,6 +158,12 @@ class Speculator:
     def _draft(self, k: int, d: Drafter, context: np.ndarray, limit: int) -> DraftTree:
         """Drafter ``k``'s tree, calibrated, with its source bit and its index in the origins."""
         raw = t = d.propose(context, limit)
+        if not isinstance(t, DraftTree):
+            raise TypeError(f"drafter {d.name!r} proposed a {type(t).__name__}, not a DraftTree")
+        try:  # the walks over it are Numba passes, which do not check indices
+            t.validate()
+        except ValueError as e:
+            raise ValueError(f"drafter {d.name!r} proposed an invalid tree: {e}") from None
         verdict = None
         if self.calibrator is not None:
             verdict = verdicts(t, int(context[-1]), self._recycling)

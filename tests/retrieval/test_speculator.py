@@ -117,3 +117,26 @@ def test_the_speculator_and_its_config_import_no_torch():
             "print('torch' in sys.modules)" % str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_drafter_proposing_a_malformed_tree_gets_a_clear_error_naming_it():
+    class Broken:
+        name, needs_topk = "broken", False
+
+        def __init__(self, tree):
+            self.tree = tree
+
+        def propose(self, context, budget):
+            return self.tree
+
+        def observe(self, context, accepted, topk):
+            pass
+
+    ctx = np.concatenate([PROMPT, ANSWER[:12]])
+    forward_parent = DraftTree(np.array([5, 6], np.int32), np.array([1, -1], np.int32), np.ones(2, np.float32),
+                               np.zeros(2, np.uint8), np.full(2, -1, np.int64))
+    for tree, error, match in ((forward_parent, ValueError, "'broken' proposed an invalid tree.*parent"),
+                               ([5, 6], TypeError, "'broken' proposed a list")):
+        spec = Speculator([PromptLookupDrafter(), Broken(tree)], budget=8)
+        with pytest.raises(error, match=match):
+            spec.propose(ctx)
