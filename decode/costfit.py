@@ -165,7 +165,8 @@ class CurveLearner:
         its steps under another load; this run's steps overrule it within a few steps per
         size), and its last level (how fast the machine ran) as this run's first. Returns how
         far, in log units, the restored shape departed from the measured one at the sizes that
-        run observed more than its prior: past TRUST, the measurement itself is in doubt. Raises ValueError (and changes nothing) if the state does not fit."""
+        run observed more than its prior: past TRUST, the measurement itself is in doubt.
+        Raises ValueError (and changes nothing) if the state does not fit."""
         windows, counts = state.get("windows"), state.get("counts")
         prior = state.get("prior", self.measured.tolist())
         if not all(isinstance(v, list) and len(v) == len(self.sizes) for v in (windows, counts, prior)):

@@ -75,12 +75,14 @@ def _ranks(rows, after, tokens):
     out = np.empty(after.shape[0], np.int64)
     for i in range(after.shape[0]):
         row = rows[after[i]]
-        out[i] = -1 if row[0] < 0 else k
-        if row[0] >= 0:
-            for j in range(k):
-                if row[j] == tokens[i]:
-                    out[i] = j
-                    break
+        if row[0] < 0:  # never filled
+            out[i] = -1
+            continue
+        out[i] = k
+        for j in range(k):
+            if row[j] == tokens[i]:
+                out[i] = j
+                break
     return out
 
 
