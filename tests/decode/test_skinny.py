@@ -9,15 +9,17 @@ from conftest import tiny_model
 from retrodraft.decode.skinny import MAX_ROWS, rows_times_weights, skinny_linear, skinny_linears
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 17, 65, MAX_ROWS])  # full 3-row passes, then 0, 1 or 2 rows left
+# 6- or 3-row passes, then a 3-row pass (wide) and 0, 1 or 2 rows left
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 17, 65, MAX_ROWS])
 @pytest.mark.parametrize("out_features", [1, 4, 7, 192, 1030])  # prefetching reaches blocks past the first ones
 @pytest.mark.parametrize("in_features", [96, 100])  # a row ending mid cache line
-def test_kernel_equals_f_linear(rows, out_features, in_features):
+@pytest.mark.parametrize("wide", [False, True])  # either tile on any machine (AVX2 spills the wide one)
+def test_kernel_equals_f_linear(rows, out_features, in_features, wide):
     g = torch.Generator().manual_seed(rows * 1000 + out_features)
     x = torch.randn(rows, in_features, generator=g)
     w = torch.randn(out_features, in_features, generator=g)
     out = np.full((rows, out_features), np.nan, np.float32)  # every entry must be written
-    rows_times_weights(x.numpy(), w.numpy(), out)
+    rows_times_weights(x.numpy(), w.numpy(), out, wide)
     torch.testing.assert_close(torch.from_numpy(out), F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
@@ -33,7 +35,7 @@ def test_context_routes_few_rows_to_the_kernel_and_restores_the_layers(monkeypat
     few, many = torch.randn(1, 3, 32), torch.randn(1, MAX_ROWS + 1, 32)
     calls = []
     monkeypatch.setattr("retrodraft.decode.skinny.rows_times_weights",
-                        lambda x, w, out: calls.append(x.shape) or out.__setitem__(..., x @ w.T))
+                        lambda x, w, out, *_: calls.append(x.shape) or out.__setitem__(..., x @ w.T))
     with torch.inference_mode(), skinny_linears(model):
         torch.testing.assert_close(layer(few), F.linear(few, layer.weight, layer.bias))
         assert layer(many).shape == (1, MAX_ROWS + 1, 32)
@@ -56,7 +58,7 @@ def test_row_counts_the_settings_send_to_blas_skip_the_kernel(monkeypatch):
     layer = model.model.layers[0].mlp.up_proj
     calls = []
     monkeypatch.setattr("retrodraft.decode.skinny.rows_times_weights",
-                        lambda x, w, out: calls.append(x.shape[0]) or out.__setitem__(..., x @ w.T))
+                        lambda x, w, out, *_: calls.append(x.shape[0]) or out.__setitem__(..., x @ w.T))
     with torch.inference_mode(), skinny_linears(model) as settings:
         settings.kernel_rows = np.arange(MAX_ROWS + 1) % 2 == 1  # odd row counts only
         for rows in (1, 2, 3, 4):
