@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from retrodraft.decode import cpu_attention
 from retrodraft.decode.skinny import KernelSettings, skinny_linears
 from retrodraft.retrieval.tree import DraftTree
 
@@ -33,7 +34,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     """SDPA with grouped query heads packed onto their key/value head for a masked
     multi-token query: query [b, heads, q, d] -> [b, kv_heads, groups * q, d] against the
     cache as it is, the mask tiled once per group. The same arithmetic as repeating the
-    cache per head, without the copies. Anything else goes to transformers' SDPA.
+    cache per head, without the copies. In float32 on a CPU it runs ``cpu_attention``'s
+    kernel where that serves; anything else goes to transformers' SDPA.
 
     The mask may come tiled already ([.., groups * q, kv], row g * q + i = query i; see
     ``mask_groups``), so that one tiling serves every layer; an untiled one ([.., q, kv]) is
@@ -42,15 +44,19 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q, d = query.shape
     special = dropout or any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "cache"))
-    if groups == 1 or attention_mask is None or attention_mask.dim() != 4 or special:
+    if attention_mask is None or attention_mask.dim() != 4 or special or (groups == 1 and query.device.type != "cpu"):
         if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] != q:
             attention_mask = attention_mask[:, :, :q]  # tiled: every group's rows are the same
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if attention_mask.shape[-2] != groups * q:  # not tiled by the caller (decode.verifier tiles)
         attention_mask = _tiled(attention_mask, groups)
-    out = F.scaled_dot_product_attention(query.reshape(b, heads // groups, groups * q, d), key, value,
-                                         attn_mask=attention_mask, scale=scaling)
+    attention_mask = attention_mask[..., : key.shape[-2]]
+    packed = query.reshape(b, heads // groups, groups * q, d)
+    if groups * q <= cpu_attention.MAX_QUERY_ROWS and cpu_attention.serves(packed, key, value, attention_mask):
+        out = cpu_attention.attend(packed, key, value, attention_mask, d**-0.5 if scaling is None else scaling)
+    else:
+        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
 
 
