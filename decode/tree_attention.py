@@ -191,16 +191,15 @@ def ancestor_matrix(parents: np.ndarray) -> np.ndarray:
 
 def tree_inputs(
     root: int, tree: DraftTree, past: int, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """input_ids [1, n+1], position_ids [1, n+1] and the additive mask [1, 1, n+1, past+n+1].
 
     Each row sees the whole cache, its ancestors and itself; positions are past + depth.
-    With no draft nodes the mask is None (a single query attends to everything).
+    With no draft nodes the mask is all zeros, as the verifier's: a 0-node step is timed on
+    the path ``generate`` takes (the masked one).
     """
     n = len(tree)
     ids = torch.from_numpy(np.concatenate(([root], tree.tokens)).astype(np.int64)).view(1, -1)
-    if n == 0:
-        return ids.to(device), torch.tensor([[past]], device=device), None
     depth = np.concatenate(([0], tree.depths())).astype(np.int64)
     positions = torch.from_numpy(depth + past).view(1, -1)
     blocked = torch.from_numpy(~ancestor_matrix(tree.parents))  # bool [n+1, n+1]

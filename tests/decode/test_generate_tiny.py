@@ -142,6 +142,14 @@ def test_tree_mask_lets_each_node_see_only_cache_ancestors_and_itself():
                     [1, 1, 1, 1, 0, 1, 1]]
 
 
+def test_a_tree_of_no_nodes_gets_the_open_mask_the_verifier_uses():
+    """A 0-node step is timed (cost curve) on the masked path generate takes, not SDPA's."""
+    ids, pos, mask = tree_inputs(5, DraftTree.build([], []), past=3, device=torch.device("cpu"),
+                                 dtype=torch.float32)
+    assert ids.tolist() == [[5]] and pos.tolist() == [[3]]
+    assert mask.shape == (1, 1, 1, 4) and not mask.any()
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
