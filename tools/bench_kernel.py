@@ -6,7 +6,12 @@ Prints two tables, milliseconds, median of --reps (the forwards: --reps rounds o
 interleaved, after a warm-up round, as the cost curve is measured):
   weights   30 float32 weight matrices of 1536 x 576 (SmolLM2-135M's MLP shape, 106 MB: more
             than any cache, as in a real forward) times 1-64 input rows, F.linear (BLAS) and
-            the kernel, one matrix after another
+            the kernel, one matrix after another (on AVX-512, also the kernel with the 3-row
+            passes AVX2 gets)
+  attention one layer's attention of the model at --context cached tokens for 1 + n tree
+            rows (query heads packed on their key/value head, as a tree forward runs it),
+            PyTorch's SDPA and decode.cpu_attention's kernel, interleaved, each call on
+            fresh keys and values (a forward's are cold too)
   forward   one verification forward of the model (1 + n tokens, LM head included, as the
             cost curve measures it) over a cache of --context tokens, with the linear layers
             on BLAS and on the kernel (interleaved)
@@ -32,7 +37,8 @@ import torch.nn.functional as F
 
 from retrodraft.decode import load_model
 from retrodraft.decode.budget import CostModel, forward_seconds
-from retrodraft.decode.skinny import rows_times_weights
+from retrodraft.decode import cpu_attention
+from retrodraft.decode.skinny import WIDE, rows_times_weights
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 TREE_SIZES = (0, 1, 2, 4, 8, 16, 32, 64)
@@ -47,8 +53,8 @@ def median_ms(fn, reps: int) -> float:
     return float(np.median(times[2:])) * 1000
 
 
-def row(label: str, values: list[float]) -> str:
-    return f"| {label} | " + " | ".join(f"{v:.1f}" for v in values) + " |"
+def row(label: str, values: list[float], digits: int = 1) -> str:
+    return f"| {label} | " + " | ".join(f"{v:.{digits}f}" for v in values) + " |"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,16 +74,24 @@ def main(argv: list[str] | None = None) -> None:
 
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(1536, 576, generator=gen) for _ in range(30)]
-    blas, kernel = [], []
+    blas, kernel, narrow = [], [], []
     for m in ROWS:
         x = torch.randn(m, 576, generator=gen)
         out = np.empty((m, 1536), np.float32)
         blas.append(median_ms(lambda: [F.linear(x, w) for w in weights], args.reps))
-        kernel.append(median_ms(lambda: [rows_times_weights(x.numpy(), w.numpy(), out) for w in weights], args.reps))
+        kernel.append(median_ms(lambda: [rows_times_weights(x.numpy(), w.numpy(), out, WIDE) for w in weights],
+                                args.reps))
+        if WIDE:
+            narrow.append(median_ms(lambda: [rows_times_weights(x.numpy(), w.numpy(), out, False) for w in weights],
+                                    args.reps))
     print(f"weights: 30 x (1536 x 576) float32, ms, {torch.get_num_threads()} threads\n")
     print("| rows | " + " | ".join(map(str, ROWS)) + " |\n|---|" + "---|" * len(ROWS))
     print(row("`F.linear` (BLAS)", blas))
-    print(row("`decode.skinny` kernel", kernel))
+    print(row("`decode.skinny` kernel" + (" (6-row passes)" if WIDE else ""), kernel))
+    if WIDE:
+        print(row("kernel, 3-row passes (AVX2's)", narrow))
+
+    attention(model, args.context, args.reps)
 
     with_blas, with_kernel = forward_seconds(model, args.context, TREE_SIZES, args.reps, kernel=(False, True))
     print(f"\nforward of 1 + n tokens over {args.context} cached tokens, ms\n")
@@ -89,6 +103,37 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ncost curve the budget uses at {args.context}: "
           + ", ".join(f"c({n}) = {curve[n]:.2f}" for n in TREE_SIZES[1:]))
     print("path generate takes: " + ", ".join(f"n = {n}: {'kernel' if rows[n + 1] else 'BLAS'}" for n in TREE_SIZES))
+
+def attention(model, context: int, reps: int) -> None:
+    """The attention table (see the module's docstring), or a line saying why there is none."""
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if dim not in cpu_attention.HEAD_DIMS:
+        print(f"\nattention: head size {dim} has no few-rows kernel (SDPA serves it)")
+        return
+    groups = heads // kv_heads
+    gen = torch.Generator().manual_seed(1)
+    times = {}
+    for r in range(reps + 1):  # a warm-up round, then reps rounds over all sizes and both paths
+        for n in TREE_SIZES:
+            q = torch.randn(1, kv_heads, groups * (n + 1), dim, generator=gen)
+            k, v = (torch.randn(1, kv_heads, context + n + 1, dim, generator=gen) for _ in range(2))
+            mask = torch.zeros(1, 1, groups * (n + 1), context + n + 1)
+            for path in ("sdpa", "kernel"):
+                t = time.perf_counter()
+                if path == "sdpa":
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                else:
+                    cpu_attention.attend(q, k, v, mask, dim**-0.5)
+                if r:
+                    times.setdefault(path, {}).setdefault(n, []).append(time.perf_counter() - t)
+    print(f"\nattention of one layer ({kv_heads} key/value heads x {groups} query heads, head size {dim}) for 1 + n "
+          f"rows over {context} cached tokens, ms\n")
+    print("| n | " + " | ".join(map(str, TREE_SIZES)) + " |\n|---|" + "---|" * len(TREE_SIZES))
+    for path, label in (("sdpa", "PyTorch SDPA"), ("kernel", "`decode.cpu_attention`")):
+        print(row(label, [1000 * float(np.median(times[path][n])) for n in TREE_SIZES], digits=3))
+
 
 if __name__ == "__main__":
     main()
