@@ -62,6 +62,9 @@ def prefetch(typingctx, arr, i, j):
     return sig, codegen
 
 
+# The tiles below are written out by hand, alike: each must be straight-line code over named
+# scalars for LLVM to keep its accumulators in vector registers (a loop over an array of them
+# would load and store them at every k).
 @numba.njit(cache=True, fastmath=True, inline="always")
 def _six_rows(x, w, out, m, n):
     """out[m:m + 6, n:n + 4]: a 4 x 6 tile of dot products in registers."""
