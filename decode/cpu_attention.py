@@ -22,7 +22,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 MAX_QUERY_ROWS = 512  # above (a prompt's prefill), SDPA: its blocks suit long queries, and the scores would be large
-ROWS = 3  # query rows per task: 3 x 4 score accumulators of 16 lanes fit in AVX2's 16 registers too
+ROWS = 3  # query rows per task: their value accumulators (3 x 64 floats) take 12 of AVX-512's 32 registers
 LOG2E = np.float32(1.4426950408889634)
 LN2_HI = np.float32(0.693359375)  # ln 2 split so that n * LN2_HI is exact for |n| < 2 ** 11
 LN2_LO = np.float32(-2.12194440e-4)
@@ -153,7 +153,8 @@ def _attention_128(q, k, v, mask, scale, scores, out):
         _task(q, k, v, mask, scale, scores, out, t, 128, _stack_rows_128())
 
 
-HEAD_DIMS = {64: _attention_64, 128: _attention_128}  # one kernel per head size (loops of a constant length); others go to SDPA
+# one kernel per head size (loops of a constant length); other head sizes go to SDPA
+HEAD_DIMS = {64: _attention_64, 128: _attention_128}
 
 
 def few_rows_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float,
@@ -170,12 +171,14 @@ def few_rows_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.nda
 
 
 def serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether ``attend`` takes these inputs: float32 on a CPU, one sequence, a head size in
-    HEAD_DIMS, an additive float32 mask [1, 1, R, L] with L at most the keys given."""
+    """Whether ``attend`` takes these inputs: float32 on a CPU, one sequence of at most
+    MAX_QUERY_ROWS query rows, a head size in HEAD_DIMS, an additive float32 mask [1, 1, R, L]
+    with L at most the keys given."""
     return (query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32
             and mask is not None and mask.dtype == torch.float32 and query.dim() == 4 and query.shape[0] == 1
-            and query.shape[-1] in HEAD_DIMS and mask.dim() == 4 and mask.shape[:2] == (1, 1)
-            and mask.shape[2] == query.shape[2] and mask.shape[3] <= min(key.shape[2], value.shape[2]))
+            and query.shape[2] <= MAX_QUERY_ROWS and query.shape[-1] in HEAD_DIMS
+            and mask.dim() == 4 and mask.shape[:2] == (1, 1) and mask.shape[2] == query.shape[2]
+            and mask.shape[3] <= min(key.shape[2], value.shape[2]))
 
 
 def _whole(t: torch.Tensor) -> np.ndarray:

@@ -53,11 +53,18 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         attention_mask = _tiled(attention_mask, groups)
     attention_mask = attention_mask[..., : key.shape[-2]]
     packed = query.reshape(b, heads // groups, groups * q, d)
-    if groups * q <= cpu_attention.MAX_QUERY_ROWS and cpu_attention.serves(packed, key, value, attention_mask):
+    if cpu_attention.serves(packed, key, value, attention_mask):
         out = cpu_attention.attend(packed, key, value, attention_mask, d**-0.5 if scaling is None else scaling)
     else:
         out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
+
+
+def attention_shape(config) -> tuple[int, int, int]:
+    """(key/value heads, query heads per key/value head, head size) of a model's config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return kv_heads, heads // kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
 
 
 def mask_groups(model) -> int:

@@ -40,8 +40,8 @@ import torch
 from retrodraft.decode.acceptance import accept_greedy_on_device, accept_sampling, first_of_siblings, path_first
 from retrodraft.decode.budget import SIZES
 from retrodraft.retrieval.config import DEFAULT
-from retrodraft.decode.tree_attention import (ancestor_matrix, compact_cache, mask_groups, new_cache, truncate_cache,
-                                              verification_kernels)
+from retrodraft.decode.tree_attention import (ancestor_matrix, attention_shape, compact_cache, mask_groups, new_cache,
+                                              truncate_cache, verification_kernels)
 from retrodraft.index.recycling import top_k_rows
 from retrodraft.retrieval.tree import DraftTree
 
@@ -339,9 +339,7 @@ def fused_kernels(model, context: int = 1024, nodes: int = 64) -> dict[str, bool
     r = verifier.rows(nodes)
     verifier._stage(DraftTree.build(np.zeros(nodes, np.int32), np.arange(nodes) - 1), 0, context, r)
     mask = verifier._write_mask(context, r)
-    config = model.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads, _, head_dim = attention_shape(model.config)
     like = dict(dtype=model.dtype, device=model.device)
     query = torch.zeros(1, kv_heads, verifier.groups * r, head_dim, **like)
     key = torch.zeros(1, kv_heads, verifier.capacity, head_dim, **like)[:, :, : mask.shape[-1]]

@@ -39,6 +39,7 @@ from retrodraft.decode import load_model
 from retrodraft.decode.budget import CostModel, forward_seconds
 from retrodraft.decode import cpu_attention
 from retrodraft.decode.skinny import WIDE, rows_times_weights
+from retrodraft.decode.tree_attention import attention_shape
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 TREE_SIZES = (0, 1, 2, 4, 8, 16, 32, 64)
@@ -106,13 +107,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def attention(model, context: int, reps: int) -> None:
     """The attention table (see the module's docstring), or a line saying why there is none."""
-    config = model.config
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads, groups, dim = attention_shape(model.config)
     if dim not in cpu_attention.HEAD_DIMS:
         print(f"\nattention: head size {dim} has no few-rows kernel (SDPA serves it)")
         return
-    groups = heads // kv_heads
     gen = torch.Generator().manual_seed(1)
     times = {}
     for r in range(reps + 1):  # a warm-up round, then reps rounds over all sizes and both paths

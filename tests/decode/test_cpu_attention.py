@@ -82,6 +82,8 @@ def test_serves_only_float32_cpu_inputs_it_has_a_kernel_for():
     assert not serves(q, k, k, torch.zeros(1, 3, 4, 10))  # a mask per head
     assert not serves(q, k, k, torch.zeros(1, 1, 4, 11))  # more columns than keys
     assert not serves(q, k, k, torch.zeros(1, 1, 5, 10))  # a row per query, not more
+    many = cpu_attention.MAX_QUERY_ROWS + 1  # a prompt's prefill: SDPA's blocks suit it
+    assert not serves(torch.zeros(1, 3, many, 64), k, k, torch.zeros(1, 1, many, 10))
 
 
 def test_a_tree_forward_runs_the_kernel_and_equals_transformers_sdpa(monkeypatch):
