@@ -1,14 +1,26 @@
-"""Attention for a few query rows on a CPU: one lean pass per key/value head.
+"""Attention for a few query rows on a CPU: lean Numba passes per key/value head.
 
 A tree forward attends 1 + n query rows per head (packed with their group's other heads:
 ``tree_attention.packed_sdpa``) over a cache of hundreds to thousands of entries. PyTorch's
 CPU SDPA is built for long queries: it splits them into blocks, calls BLAS on each and
 threads over (head, block) pairs, which leaves two cores idle at these shapes and calls a
 BLAS that runs AVX2 code on AMD CPUs. On a 2-core Zen 5 VM at a 1024-token context it spent
-0.39 ms per layer on 9 query rows (27 packed), where the arithmetic is 21 MFLOP. Here the
-scores, the softmax and the weighted sum of values run as one Numba pass per (head, 3 query
-rows), all tasks in parallel. The sums are the same in another order (and the exponential a
-polynomial accurate to a float32 ulp), so results agree with SDPA to float32 rounding.
+0.39 ms per layer on 9 query rows (27 packed), where the arithmetic is 21 MFLOP.
+
+Two kernels, each one pass of scores, softmax and weighted sum of values per task, all tasks
+in parallel:
+
+- few rows (at most FEW per head: a step with no or few drafts): a task is (head, 3 query
+  rows); scores are dot products along the head's features, the three rows' value sums stay
+  in registers;
+- row blocks (more rows): a task is (head, 16 query rows), one vector's lanes. Its scores
+  run along the rows, keys broadcast against the block's transposed queries, so no dot
+  product ends in a horizontal sum; softmax and the value sums are vector code
+  (``decode.simd``). It reads the mask transposed ([keys, rows]: ``transposed_mask``, made
+  once per forward by the caller).
+
+The sums are the same in another order (and the exponential a polynomial accurate to a
+float32 ulp), so results agree with SDPA to float32 rounding.
 """
 
 from __future__ import annotations
@@ -21,47 +33,21 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from retrodraft.decode.simd import (LANES, add, exp_nonpositive, fma, lanes_sum, largest, load, maximum, mul,
+                                    splat, store, sub)
+
 MAX_QUERY_ROWS = 512  # above (a prompt's prefill), SDPA: its blocks suit long queries, and the scores would be large
-ROWS = 3  # query rows per task: their value accumulators (3 x 64 floats) take 12 of AVX-512's 32 registers
-LOG2E = np.float32(1.4426950408889634)
-LN2_HI = np.float32(0.693359375)  # ln 2 split so that n * LN2_HI is exact for |n| < 2 ** 11
-LN2_LO = np.float32(-2.12194440e-4)
-LOWEST = np.float32(-87.0)  # exp(-87) is float32's smallest normal; below it a weight is 0 to rounding
+ROWS = 3  # query rows per few-rows task: their value accumulators (3 x 64 floats) take 12 of AVX-512's 32 registers
+FEW = 8  # query rows per head up to which the few-rows kernel runs (Zen 5 VM: the two tie at 9, row blocks lead at 15)
+BLOCK = LANES  # query rows per row-block task
+KEYS = 8  # keys per score tile of a row block: 8 accumulators, one vector of queries loaded per feature
 # fast math without "no infinities, no NaNs": a mask's -inf must stay -inf and weigh 0
 FAST = {"contract", "reassoc", "nsz", "arcp", "afn"}
 
 
-@intrinsic
-def _bits_to_float32(typingctx, bits):
-    """The float32 whose bit pattern is the int32 ``bits`` (a bitcast: no conversion)."""
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-@numba.njit(cache=True, fastmath=FAST, inline="always")
-def exp_nonpositive(x: float) -> float:
-    """exp(x) for float32 x <= 0 (0 below LOWEST, -inf included), as straight-line arithmetic that a loop
-    vectorizes (``math.exp`` would be a call per value: 2.2 ns each against ~0.2 here).
-    2 ** k from its bits; e ** f for |f| <= ln 2 / 2 by a degree-7 Taylor polynomial,
-    truncation error below 1e-8 relative."""
-    low = x < LOWEST
-    x = max(x, LOWEST)
-    k = np.floor(x * LOG2E + np.float32(0.5))
-    f = x - k * LN2_HI - k * LN2_LO
-    p = np.float32(1.0 / 5040.0)
-    p = p * f + np.float32(1.0 / 720.0)
-    p = p * f + np.float32(1.0 / 120.0)
-    p = p * f + np.float32(1.0 / 24.0)
-    p = p * f + np.float32(1.0 / 6.0)
-    p = p * f + np.float32(0.5)
-    p = p * f + np.float32(1.0)
-    p = p * f + np.float32(1.0)
-    e = p * _bits_to_float32((np.int32(k) + np.int32(127)) << np.int32(23))
-    return np.float32(0.0) if low else e
+def padded(n: int, multiple: int = LANES) -> int:
+    """n rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
 
 
 def _stack_rows(dim: int):
@@ -105,17 +91,21 @@ def _task(q, k, v, mask, scale, scores, out, t, dim, acc):
             for d in range(dim):
                 a += q[h, r0 + i, d] * k[h, j, d]
             s[r0 + i, j] = a * scale + mask[r0 + i, j]
+        for j in range(length, s.shape[1]):  # to whole vectors: padding that weighs 0
+            s[r0 + i, j] = -np.inf
     totals = (np.float32(0.0), np.float32(0.0), np.float32(0.0))
-    for i in range(n):  # softmax numerators in place, and their sums
+    for i in range(n):  # softmax numerators in place, and their sums, a vector at a time
         r = r0 + i
-        top = s[r, 0]
-        for j in range(1, length):
-            top = max(top, s[r, j])
-        total = np.float32(0.0)
-        for j in range(length):
-            e = exp_nonpositive(s[r, j] - top)
-            s[r, j] = e
-            total += e
+        top = splat(-np.inf)
+        for j in range(0, s.shape[1], LANES):
+            top = maximum(top, load(s, (r, j)))
+        top = splat(largest(top))
+        sums = splat(0.0)
+        for j in range(0, s.shape[1], LANES):
+            e = exp_nonpositive(sub(load(s, (r, j)), top))
+            store(s, (r, j), e)
+            sums = add(sums, e)
+        total = lanes_sum(sums)
         totals = (total if i == 0 else totals[0], total if i == 1 else totals[1], total if i == 2 else totals[2])
     if n == ROWS:  # the weighted sum of values: each value row read once for the three query rows
         for j in range(length):
@@ -163,11 +153,122 @@ def few_rows_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.nda
 
     q [H, R, D] (D in HEAD_DIMS), k and v [H, L, D] C-contiguous (L >= the mask's columns;
     the first mask.shape[1] keys count), mask float32 [R, L'] additive (very negative or
-    -inf: masked), scores float32 [H, R, L'] scratch, out float32 [H, R, D]. Every row must
-    see at least one key (a tree row always sees the cache and itself). Tasks are (head,
-    ROWS query rows), in parallel.
+    -inf: masked), scores float32 [H, R, padded(L')] scratch, out float32 [H, R, D]. Every
+    row must see at least one key (a tree row always sees the cache and itself). Tasks are
+    (head, ROWS query rows), in parallel.
     """
     HEAD_DIMS[q.shape[2]](q, k, v, mask, np.float32(scale), scores, out)
+
+
+@numba.njit(cache=True, fastmath=FAST, inline="always")
+def _scored(s, mask_t, j, x, scale, top):
+    """Row j of the block's scores from its accumulated dot products: scaled, masked, kept,
+    and the running maximum per row."""
+    x = fma(x, scale, load(mask_t, (j, 0)))
+    store(s, (j, 0), x)
+    return maximum(top, x)
+
+
+@numba.njit(cache=True, fastmath=FAST, inline="always")
+def _normalized(out, h, r, c, totals, q, y0, y1, y2, y3):
+    """Store 64 features of block row q (row r of the output, if it is one) over its total."""
+    if r < out.shape[1]:
+        inv = splat(np.float32(1.0) / totals[q])
+        store(out, (h, r, c), mul(y0, inv))
+        store(out, (h, r, c + 16), mul(y1, inv))
+        store(out, (h, r, c + 32), mul(y2, inv))
+        store(out, (h, r, c + 48), mul(y3, inv))
+
+
+@numba.njit(cache=True, fastmath=FAST, inline="always")
+def _block(q, k, v, mask_t, scale, s, out, h, r0):
+    """Rows r0 .. r0 + BLOCK of head h (fewer real ones in the last block; the rest are
+    computed on zero queries and not stored). ``s``: the block's scores [L, BLOCK], keys
+    by rows, a view of the scratch."""
+    rows, dim = q.shape[1:]
+    length = mask_t.shape[0]
+    qt = np.zeros((dim, BLOCK), np.float32)  # the block's queries, transposed: a vector per feature
+    for i in range(min(BLOCK, rows - r0)):
+        for d in range(dim):
+            qt[d, i] = q[h, r0 + i, d]
+    top = splat(-np.inf)
+    j = 0
+    while j + KEYS <= length:  # scores, KEYS keys at a time: each key's features broadcast against the queries
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = splat(0.0)
+        for d in range(dim):
+            x = load(qt, (d, 0))
+            a0 = fma(splat(k[h, j, d]), x, a0)
+            a1 = fma(splat(k[h, j + 1, d]), x, a1)
+            a2 = fma(splat(k[h, j + 2, d]), x, a2)
+            a3 = fma(splat(k[h, j + 3, d]), x, a3)
+            a4 = fma(splat(k[h, j + 4, d]), x, a4)
+            a5 = fma(splat(k[h, j + 5, d]), x, a5)
+            a6 = fma(splat(k[h, j + 6, d]), x, a6)
+            a7 = fma(splat(k[h, j + 7, d]), x, a7)
+        top = _scored(s, mask_t, j, a0, scale, top)
+        top = _scored(s, mask_t, j + 1, a1, scale, top)
+        top = _scored(s, mask_t, j + 2, a2, scale, top)
+        top = _scored(s, mask_t, j + 3, a3, scale, top)
+        top = _scored(s, mask_t, j + 4, a4, scale, top)
+        top = _scored(s, mask_t, j + 5, a5, scale, top)
+        top = _scored(s, mask_t, j + 6, a6, scale, top)
+        top = _scored(s, mask_t, j + 7, a7, scale, top)
+        j += KEYS
+    for j in range(j, length):
+        a0 = splat(0.0)
+        for d in range(dim):
+            a0 = fma(splat(k[h, j, d]), load(qt, (d, 0)), a0)
+        top = _scored(s, mask_t, j, a0, scale, top)
+    sums = splat(0.0)
+    for j in range(length):  # softmax numerators in place, and their sums
+        e = exp_nonpositive(sub(load(s, (j, 0)), top))
+        store(s, (j, 0), e)
+        sums = add(sums, e)
+    totals = np.empty(BLOCK, np.float32)
+    store(totals, (0,), sums)
+    for b in range(0, min(BLOCK, rows - r0), 4):  # weighted sums of values: 4 rows by 64 features at a time
+        for c in range(0, dim, 64):
+            y00 = y01 = y02 = y03 = y10 = y11 = y12 = y13 = splat(0.0)
+            y20 = y21 = y22 = y23 = y30 = y31 = y32 = y33 = splat(0.0)
+            for j in range(length):
+                x0, x1, x2, x3 = load(v, (h, j, c)), load(v, (h, j, c + 16)), load(v, (h, j, c + 32)), load(
+                    v, (h, j, c + 48))
+                p = splat(s[j, b])
+                y00, y01, y02, y03 = fma(p, x0, y00), fma(p, x1, y01), fma(p, x2, y02), fma(p, x3, y03)
+                p = splat(s[j, b + 1])
+                y10, y11, y12, y13 = fma(p, x0, y10), fma(p, x1, y11), fma(p, x2, y12), fma(p, x3, y13)
+                p = splat(s[j, b + 2])
+                y20, y21, y22, y23 = fma(p, x0, y20), fma(p, x1, y21), fma(p, x2, y22), fma(p, x3, y23)
+                p = splat(s[j, b + 3])
+                y30, y31, y32, y33 = fma(p, x0, y30), fma(p, x1, y31), fma(p, x2, y32), fma(p, x3, y33)
+            _normalized(out, h, r0 + b, c, totals, b, y00, y01, y02, y03)
+            _normalized(out, h, r0 + b + 1, c, totals, b + 1, y10, y11, y12, y13)
+            _normalized(out, h, r0 + b + 2, c, totals, b + 2, y20, y21, y22, y23)
+            _normalized(out, h, r0 + b + 3, c, totals, b + 3, y30, y31, y32, y33)
+
+
+@numba.njit(cache=True, parallel=True, fastmath=FAST)
+def row_block_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask_t: np.ndarray, scale: float,
+                        scores: np.ndarray, out: np.ndarray) -> None:
+    """``few_rows_attention``'s result with tasks of (head, BLOCK query rows), in parallel:
+    q [H, R, D] (D a multiple of 64), k and v as there, mask_t float32 [L', padded(R)] (the
+    mask transposed, zero in its padding: ``transposed_mask``), scores float32
+    [H, padded(R) / BLOCK, L', BLOCK] scratch, out float32 [H, R, D]."""
+    blocks = scores.shape[1]
+    scale = splat(scale)
+    for t in numba.prange(q.shape[0] * blocks):
+        h, b = t // blocks, t % blocks
+        _block(q, k, v, mask_t[:, b * BLOCK : (b + 1) * BLOCK], scale, scores[h, b], out, h, b * BLOCK)
+
+
+def transposed_mask(mask: torch.Tensor) -> np.ndarray:
+    """An additive mask [1, 1, R, L] as ``row_block_attention`` reads it: float32
+    [L, padded(R)], keys by rows, zero in the padding. Every layer of a forward attends with
+    the same mask: make it once (``tree_attention.packed_sdpa`` does)."""
+    rows, length = mask.shape[-2:]
+    out = np.zeros((length, padded(rows)), np.float32)
+    out[:, :rows] = mask[0, 0].numpy().T
+    return out
 
 
 def serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -193,16 +294,24 @@ def _whole(t: torch.Tensor) -> np.ndarray:
     return t[0].contiguous().numpy()
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-           scale: float) -> torch.Tensor:
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float,
+           mask_t: np.ndarray | None = None) -> torch.Tensor:
     """SDPA for query [1, H, R, D] over key and value [1, H, L, D] with an additive mask
     [1, 1, R, L'] (L' <= L: the first L' keys count) shared by the heads: [1, H, R, D]. See
-    ``serves`` for what it takes."""
+    ``serves`` for what it takes. Over FEW rows it runs the row-block kernel, on ``mask_t``
+    (``transposed_mask``: of this mask, or of one with more columns, the first L' counting)
+    or, if None, on the mask transposed here."""
     _, heads, rows, dim = query.shape
     length = mask.shape[-1]
-    m = mask[0, 0]
-    m = (m if m.stride(-1) == 1 else m.contiguous()).numpy()
-    scores = np.empty((heads, rows, length), np.float32)
+    q = query[0].contiguous().numpy()
     out = np.empty((heads, rows, dim), np.float32)
-    few_rows_attention(query[0].contiguous().numpy(), _whole(key), _whole(value), m, scale, scores, out)
+    if rows > FEW:
+        mask_t = transposed_mask(mask) if mask_t is None else mask_t[:length]
+        scores = np.empty((heads, padded(rows) // BLOCK, length, BLOCK), np.float32)
+        row_block_attention(q, _whole(key), _whole(value), mask_t, np.float32(scale), scores, out)
+    else:
+        m = mask[0, 0]
+        m = (m if m.stride(-1) == 1 else m.contiguous()).numpy()
+        scores = np.empty((heads, rows, padded(length)), np.float32)
+        few_rows_attention(q, _whole(key), _whole(value), m, scale, scores, out)
     return torch.from_numpy(out)[None]

@@ -35,7 +35,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     multi-token query: query [b, heads, q, d] -> [b, kv_heads, groups * q, d] against the
     cache as it is, the mask tiled once per group. The same arithmetic as repeating the
     cache per head, without the copies. In float32 on a CPU it runs ``cpu_attention``'s
-    kernel where that serves; anything else goes to transformers' SDPA.
+    kernel where that serves (its row blocks read the mask transposed, made once per forward:
+    ``_transposed``); anything else goes to transformers' SDPA.
 
     The mask may come tiled already ([.., groups * q, kv], row g * q + i = query i; see
     ``mask_groups``), so that one tiling serves every layer; an untiled one ([.., q, kv]) is
@@ -51,10 +52,11 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
                                       **kwargs)
     if attention_mask.shape[-2] != groups * q:  # not tiled by the caller (decode.verifier tiles)
         attention_mask = _tiled(attention_mask, groups)
-    attention_mask = attention_mask[..., : key.shape[-2]]
+    whole, attention_mask = attention_mask, attention_mask[..., : key.shape[-2]]
     packed = query.reshape(b, heads // groups, groups * q, d)
     if cpu_attention.serves(packed, key, value, attention_mask):
-        out = cpu_attention.attend(packed, key, value, attention_mask, d**-0.5 if scaling is None else scaling)
+        mask_t = _transposed(whole) if groups * q > cpu_attention.FEW else None
+        out = cpu_attention.attend(packed, key, value, attention_mask, d**-0.5 if scaling is None else scaling, mask_t)
     else:
         out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
@@ -87,6 +89,20 @@ def _tiled(mask: torch.Tensor, groups: int) -> torch.Tensor:
     if _last_tiled[0] is not mask or _last_tiled[1] != groups:
         _last_tiled[:] = [mask, groups, mask.repeat(1, 1, groups, 1)]
     return _last_tiled[2]
+
+
+_last_transposed: list = [None, -1, None]  # (mask, its version, transposed), as _last_tiled
+
+
+def _transposed(mask: torch.Tensor) -> np.ndarray:
+    """``cpu_attention.transposed_mask(mask)``, once per forward rather than once per layer.
+    The same object gets the same answer unless its version counter moved (inference tensors
+    keep none: the same object is trusted, as ``_tiled`` trusts it); holding it keeps its
+    memory from serving another mask meanwhile."""
+    version = None if mask.is_inference() else mask._version
+    if _last_transposed[0] is not mask or _last_transposed[1] != version:
+        _last_transposed[:] = [mask, version, cpu_attention.transposed_mask(mask)]
+    return _last_transposed[2]
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa)

@@ -1,14 +1,12 @@
-"""The few-rows attention kernel: SDPA's results, its exponential, and what it refuses."""
+"""The few-rows and row-block attention kernels: SDPA's results, and what they refuse."""
 
-import numba
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import REPETITIVE
 from retrodraft.decode import cpu_attention
-from retrodraft.decode.cpu_attention import FAST, attend, exp_nonpositive, serves
+from retrodraft.decode.cpu_attention import attend, serves, transposed_mask
 from retrodraft.decode.tree_attention import new_cache, packed_attention, tree_inputs
 from retrodraft.retrieval.tree import DraftTree
 
@@ -27,7 +25,8 @@ def tree_mask(rows: int, past: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dim", sorted(cpu_attention.HEAD_DIMS))
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 27, 52])  # whole chunks of 3 rows, then 1 or 2 left over
+# few rows: whole chunks of 3 rows, then 1 or 2 left over; row blocks: whole, partial, 8 keys and fewer left
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, cpu_attention.FEW, cpu_attention.FEW + 1, 16, 17, 27, 52])
 @pytest.mark.parametrize("heads", [1, 3])
 def test_attend_equals_sdpa_over_a_cache_buffer(dim, rows, heads):
     """Keys and values as the cache holds them (views of the first rows of a longer buffer:
@@ -47,29 +46,26 @@ def test_attend_equals_sdpa_over_a_cache_buffer(dim, rows, heads):
 def test_a_mask_over_fewer_keys_than_given_uses_the_first_ones():
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, n, 64, generator=gen) for n in (4, 30, 30))
-    mask = tree_mask(4, 20, gen)  # 24 of the 30 keys
-    torch.testing.assert_close(attend(q, k, v, mask, 0.125),
-                               F.scaled_dot_product_attention(q, k[:, :, :24], v[:, :, :24], attn_mask=mask,
-                                                              scale=0.125), rtol=1e-5, atol=1e-5)
+    for rows in (4, 20):  # both kernels
+        q = torch.randn(1, 2, rows, 64, generator=gen)
+        mask = tree_mask(rows, 24 - rows, gen)  # 24 of the 30 keys
+        torch.testing.assert_close(attend(q, k, v, mask, 0.125),
+                                   F.scaled_dot_product_attention(q, k[:, :, :24], v[:, :, :24], attn_mask=mask,
+                                                                  scale=0.125), rtol=1e-5, atol=1e-5)
 
 
-@numba.njit(fastmath=FAST)
-def _exps(x, out):
-    for i in range(x.size):
-        out[i] = exp_nonpositive(x[i])
-
-
-def test_the_exponential_is_exact_to_float32_rounding_and_zero_where_masked():
-    x = np.concatenate([-np.random.default_rng(0).random(100_000, np.float32) * 86.9,
-                        np.float32([0.0, -1e-30, -0.5, -86.99])])
-    out = np.empty_like(x)
-    _exps(x, out)
-    exact = np.exp(x.astype(np.float64))
-    assert np.max(np.abs(out - exact) / exact) < 4e-7  # a few float32 ulps
-    masked = np.float32([-87.5, -1e4, LOWEST, -np.inf])
-    out = np.empty_like(masked)
-    _exps(masked, out)
-    assert out.tolist() == [0.0, 0.0, 0.0, 0.0]
+def test_row_blocks_read_a_transposed_mask_made_once_with_more_columns():
+    """``packed_sdpa`` transposes a forward's mask once and hands every layer the same
+    one, which may have more columns than a layer's mask (the first ones count)."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 3, n, 64, generator=gen) for n in (20, 40, 40))
+    mask = tree_mask(20, 20, gen)
+    wider = torch.cat([mask, torch.full((1, 1, 20, 5), 7.0)], dim=-1)  # columns that must not count
+    got = attend(q, k, v, mask, 0.125, mask_t=transposed_mask(wider))
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k[:, :, :40], v[:, :, :40], attn_mask=mask,
+                                                                   scale=0.125), rtol=1e-5, atol=1e-5)
+    assert transposed_mask(mask).shape == (40, 32)  # rows padded to whole vectors, with zeros
+    assert not transposed_mask(mask)[:, 20:].any()
 
 
 def test_serves_only_float32_cpu_inputs_it_has_a_kernel_for():
@@ -100,8 +96,8 @@ def test_a_tree_forward_runs_the_kernel_and_equals_transformers_sdpa(monkeypatch
     past = REPETITIVE.shape[1] - 1
     ids, positions, mask = tree_inputs(int(REPETITIVE[0, -1]), tree, past, model.device, model.dtype)
     calls = []
-    real = cpu_attention.few_rows_attention
-    monkeypatch.setattr(cpu_attention, "few_rows_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = cpu_attention.row_block_attention
+    monkeypatch.setattr(cpu_attention, "row_block_attention", lambda *a: calls.append(a[0].shape) or real(*a))
     hidden = []
     for packed in (False, True):
         with torch.inference_mode(), packed_attention(model) if packed else torch.inference_mode():
@@ -109,5 +105,5 @@ def test_a_tree_forward_runs_the_kernel_and_equals_transformers_sdpa(monkeypatch
             model.base_model(input_ids=REPETITIVE[:, :-1], cache=cache, use_cache=True)
             hidden.append(model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
                                            cache=cache, use_cache=True).last_hidden_state)
-    assert calls == [(2, 2 * 6, 64)] * 2  # each layer: 2 key/value heads, 2 groups of 6 rows
+    assert calls == [(2, 2 * 6, 64)] * 2  # each layer: 2 key/value heads, 2 groups of 6 rows (more than FEW)
     torch.testing.assert_close(hidden[0], hidden[1], rtol=1e-5, atol=1e-5)
