@@ -28,7 +28,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic

@@ -4,9 +4,16 @@ A verification forward multiplies 1 + n rows (n draft nodes: a few to a few doze
 weight matrix of the target. At those shapes BLAS is slow on a CPU: its GEMM kernels, built
 for large batches, took about as long for 2 rows as for 8 and twice as long as its
 matrix-vector product for 1, which itself streamed the weights at half the memory bandwidth
-(2-core AMD EPYC, MKL; see README). The kernel here reads each weight row once and dots it
-with every input row while it is in cache, so its time follows the weights' size, nearly
-flat in the number of rows: that is the cost curve speculative decoding needs.
+(2-core AMD EPYC, MKL; see README). The kernels here read each weight once per call and
+use it for every input row while it is in cache, so their time follows the weights' size,
+nearly flat in the number of rows: that is the cost curve speculative decoding needs.
+
+Two kernels: ``rows_times_weights`` on the weights as the model holds them (dot products
+along the input features), and ``rows_times_panels`` on a copy re-laid out in panels of 64
+output features (vectors along the outputs: no horizontal sums, one contiguous stream per
+task), which AVX-512 machines use (``PANELS``) at the price of that copy: on a 2-core Zen 5
+VM a 17-row forward of SmolLM2-135M at a 1024-token context went from 47.5 to 36.6 ms and a
+1-row one stayed at 28 ms.
 
 Within ``skinny_linears(model)``, every float32 CPU ``nn.Linear`` of the model sends inputs
 of at most ``MAX_ROWS`` rows through the kernel and anything larger (a prompt's prefill) to
@@ -33,14 +40,19 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from retrodraft.decode.cores import free_cores
+from retrodraft.decode.simd import fma, load, splat, store
 
 MAX_ROWS = 128  # BLAS above (a prompt's prefill); from ~16 rows to here the two trade places between runs
 BLOCK = 4  # weight rows per task
 LINE = 16  # float32 values per 64-byte cache line
 AHEAD = 32 * 1024  # bytes of weights between a task's block and the block it prefetches
-# input rows per pass over a weight block: a 4 x 6 tile of accumulators (24) fits AVX-512's 32
-# vector registers, a 4 x 3 tile (12) AVX2's 16
-WIDE = bool(get_host_cpu_features().get("avx512f", False))
+PANEL = 64  # output features per panel of rows_times_panels: 4 vectors of 16
+TILE = 6  # input rows per panel tile: 6 x 4 vector accumulators take 24 of AVX-512's 32 registers
+CHUNK = 64  # rows of k per pass of every tile over a panel (16 KB: stays in L1 between the tiles)
+PANEL_AHEAD = 128  # panel rows (256 bytes each) prefetched ahead of the one computed
+# The panel kernel's tiles need AVX-512's 32 vector registers (on AVX2 its vectors split in two
+# and spill); there it also costs a second copy of the weights, which AVX2 machines are spared.
+PANELS = bool(get_host_cpu_features().get("avx512f", False))
 
 
 @intrinsic
@@ -63,57 +75,8 @@ def prefetch(typingctx, arr, i, j):
 
 
 # The tiles below are written out by hand, alike: each must be straight-line code over named
-# scalars for LLVM to keep its accumulators in vector registers (a loop over an array of them
-# would load and store them at every k).
-@numba.njit(cache=True, fastmath=True, inline="always")
-def _six_rows(x, w, out, m, n):
-    """out[m:m + 6, n:n + 4]: a 4 x 6 tile of dot products in registers."""
-    a00 = a01 = a02 = a03 = np.float32(0.0)
-    a10 = a11 = a12 = a13 = np.float32(0.0)
-    a20 = a21 = a22 = a23 = np.float32(0.0)
-    a30 = a31 = a32 = a33 = np.float32(0.0)
-    a40 = a41 = a42 = a43 = np.float32(0.0)
-    a50 = a51 = a52 = a53 = np.float32(0.0)
-    for k in range(x.shape[1]):
-        w0, w1, w2, w3 = w[n, k], w[n + 1, k], w[n + 2, k], w[n + 3, k]
-        v = x[m, k]
-        a00 += v * w0
-        a01 += v * w1
-        a02 += v * w2
-        a03 += v * w3
-        v = x[m + 1, k]
-        a10 += v * w0
-        a11 += v * w1
-        a12 += v * w2
-        a13 += v * w3
-        v = x[m + 2, k]
-        a20 += v * w0
-        a21 += v * w1
-        a22 += v * w2
-        a23 += v * w3
-        v = x[m + 3, k]
-        a30 += v * w0
-        a31 += v * w1
-        a32 += v * w2
-        a33 += v * w3
-        v = x[m + 4, k]
-        a40 += v * w0
-        a41 += v * w1
-        a42 += v * w2
-        a43 += v * w3
-        v = x[m + 5, k]
-        a50 += v * w0
-        a51 += v * w1
-        a52 += v * w2
-        a53 += v * w3
-    out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a00, a01, a02, a03
-    out[m + 1, n], out[m + 1, n + 1], out[m + 1, n + 2], out[m + 1, n + 3] = a10, a11, a12, a13
-    out[m + 2, n], out[m + 2, n + 1], out[m + 2, n + 2], out[m + 2, n + 3] = a20, a21, a22, a23
-    out[m + 3, n], out[m + 3, n + 1], out[m + 3, n + 2], out[m + 3, n + 3] = a30, a31, a32, a33
-    out[m + 4, n], out[m + 4, n + 1], out[m + 4, n + 2], out[m + 4, n + 3] = a40, a41, a42, a43
-    out[m + 5, n], out[m + 5, n + 1], out[m + 5, n + 2], out[m + 5, n + 3] = a50, a51, a52, a53
-
-
+# scalars (or vectors) for LLVM to keep its accumulators in registers (a loop over an array of
+# them would load and store them at every k).
 @numba.njit(cache=True, fastmath=True, inline="always")
 def _three_rows(x, w, out, m, n):
     """out[m:m + 3, n:n + 4]: a 4 x 3 tile."""
@@ -174,17 +137,15 @@ def _one_row(x, w, out, m, n):
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
-def rows_times_weights(x: np.ndarray, w: np.ndarray, out: np.ndarray, wide: bool = WIDE) -> None:
-    """out[m, n] = dot(x[m], w[n]) for x float32 [M, K], w float32 [N, K] (row-major).
+def rows_times_weights(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """out[m, n] = dot(x[m], w[n]) for x float32 [M, K], w float32 [N, K] (row-major): the
+    kernel for weights as the model holds them (machines without AVX-512; see PANELS).
 
-    Register-blocked: each pass over k keeps a tile of dot products in registers, BLOCK (4)
-    weight rows by 6 input rows where ``wide`` (AVX-512's 32 vector registers) else by 3,
-    so each weight value loaded serves six (three) input rows and each input value four
-    weight rows. A task's 4 weight rows (9 KB at K = 576) stay in L1 across all passes over
-    the input rows; the weights stream from memory once per call. Rows left over take one
-    4 x 3 pass (wide) and a 4 x 2 or 4 x 1 tile. On a 2-core Zen 5 VM, 30 matrices of
-    1536 x 576 by 66 rows took 0.50 ms each with 6-row passes against 0.63 with 3-row ones
-    (in cache: 250 against 224 GFLOP/s); at 6 rows or fewer nothing changes.
+    Register-blocked: each pass over k keeps a 4 x 3 tile of dot products in registers, so
+    each weight value loaded serves three input rows and each input value four weight rows;
+    the dot products run along k and end in a horizontal sum. A task's 4 weight rows (9 KB
+    at K = 576) stay in L1 across all passes over the input rows; the weights stream from
+    memory once per call. Rows left over take a 4 x 2 or 4 x 1 tile.
 
     While a task computes, it prefetches a later block of its thread's weights (AHEAD bytes
     on) into L2, a share before each pass, so that the next block's load from memory overlaps
@@ -196,10 +157,9 @@ def rows_times_weights(x: np.ndarray, w: np.ndarray, out: np.ndarray, wide: bool
     """
     m_rows, k_len = x.shape
     n_rows = w.shape[0]
-    step = 6 if wide else 3
     lines = (k_len + LINE - 1) // LINE  # cache lines per weight row
     distance = BLOCK * max(1, AHEAD // (4 * BLOCK * max(1, k_len)))  # weight rows ahead
-    passes = max(1, m_rows // step + (m_rows % step) // 3)
+    passes = max(1, m_rows // 3)
     per_pass = (BLOCK * lines + passes - 1) // passes  # prefetches before each pass
     for b in numba.prange((n_rows + BLOCK - 1) // BLOCK):
         n = b * BLOCK
@@ -219,12 +179,8 @@ def rows_times_weights(x: np.ndarray, w: np.ndarray, out: np.ndarray, wide: bool
             for j in range(fetched, min(fetched + per_pass, to_fetch)):
                 prefetch(w, later + j // lines, (j % lines) * LINE)
             fetched += per_pass
-            if wide and m + 6 <= m_rows:
-                _six_rows(x, w, out, m, n)
-                m += 6
-            else:
-                _three_rows(x, w, out, m, n)
-                m += 3
+            _three_rows(x, w, out, m, n)
+            m += 3
         for j in range(fetched, to_fetch):  # the rest before the last pass (none left if there is none)
             prefetch(w, later + j // lines, (j % lines) * LINE)
         if m + 2 == m_rows:
@@ -233,15 +189,139 @@ def rows_times_weights(x: np.ndarray, w: np.ndarray, out: np.ndarray, wide: bool
             _one_row(x, w, out, m, n)
 
 
-def skinny_linear(x: torch.Tensor, weight: np.ndarray, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for float32 CPU ``x`` [..., K] with at most MAX_ROWS rows;
-    ``weight`` is the layer's weight as a numpy array [N, K]."""
+def panels_of(weight: np.ndarray) -> np.ndarray:
+    """A weight [N, K] re-laid out for ``rows_times_panels``: float32 [ceil(N / PANEL), K,
+    PANEL], panel p holding output features p * PANEL .. (p + 1) * PANEL - 1 feature-minor
+    (zero past N), each panel one contiguous block."""
+    n, k = weight.shape
+    panels = np.zeros((-(-n // PANEL), PANEL, k), np.float32)
+    panels.reshape(-1, k)[:n] = weight
+    return np.ascontiguousarray(panels.transpose(0, 2, 1))
+
+
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _put(out, m, a, b, c, d):
+    store(out, (m, 0), a)
+    store(out, (m, 16), b)
+    store(out, (m, 32), c)
+    store(out, (m, 48), d)
+
+
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _got(out, m):
+    return load(out, (m, 0)), load(out, (m, 16)), load(out, (m, 32)), load(out, (m, 48))
+
+
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _fetch(flat, row, t, passes):
+    """Pass t of ``passes`` over a chunk prefetches its share of the 4 cache lines of panel row
+    ``row``: all 4 in a single pass, else 2, 1 or (from the fifth pass) none."""
+    if passes == 1:
+        prefetch(flat, row, 0)
+        prefetch(flat, row, 16)
+        prefetch(flat, row, 32)
+        prefetch(flat, row, 48)
+    elif passes == 2:
+        prefetch(flat, row, 32 * t)
+        prefetch(flat, row, 32 * t + 16)
+    elif passes == 3:
+        prefetch(flat, row, 16 * t)
+        if t == 0:
+            prefetch(flat, row, 48)
+    elif t < 4:
+        prefetch(flat, row, 16 * t)
+
+
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _panel_tile(x, panel, out, m, rows, k0, k1, flat, ahead, t, passes):
+    """out[m:m + rows, :PANEL] (rows <= 6) += x[m:m + rows, k0:k1] @ panel[k0:k1] (from zero
+    when k0 is 0): 6 rows by 4 vectors of accumulators in registers; with fewer rows the
+    last one is computed again in the spare slots (the stores repeat it), which costs
+    nothing while the weights stream from memory."""
+    m0, m1, m2 = m, m + min(1, rows - 1), m + min(2, rows - 1)
+    m3, m4, m5 = m + min(3, rows - 1), m + min(4, rows - 1), m + min(5, rows - 1)
+    if k0 == 0:
+        y00 = y01 = y02 = y03 = y10 = y11 = y12 = y13 = y20 = y21 = y22 = y23 = splat(0.0)
+        y30 = y31 = y32 = y33 = y40 = y41 = y42 = y43 = y50 = y51 = y52 = y53 = splat(0.0)
+    else:
+        (y00, y01, y02, y03), (y10, y11, y12, y13), (y20, y21, y22, y23) = _got(out, m0), _got(out, m1), _got(out, m2)
+        (y30, y31, y32, y33), (y40, y41, y42, y43), (y50, y51, y52, y53) = _got(out, m3), _got(out, m4), _got(out, m5)
+    last = flat.shape[0] - 1
+    for k in range(k0, k1):
+        _fetch(flat, min(ahead + k, last), t, passes)
+        w0, w1, w2, w3 = load(panel, (k, 0)), load(panel, (k, 16)), load(panel, (k, 32)), load(panel, (k, 48))
+        p = splat(x[m0, k])
+        y00, y01, y02, y03 = fma(p, w0, y00), fma(p, w1, y01), fma(p, w2, y02), fma(p, w3, y03)
+        p = splat(x[m1, k])
+        y10, y11, y12, y13 = fma(p, w0, y10), fma(p, w1, y11), fma(p, w2, y12), fma(p, w3, y13)
+        p = splat(x[m2, k])
+        y20, y21, y22, y23 = fma(p, w0, y20), fma(p, w1, y21), fma(p, w2, y22), fma(p, w3, y23)
+        p = splat(x[m3, k])
+        y30, y31, y32, y33 = fma(p, w0, y30), fma(p, w1, y31), fma(p, w2, y32), fma(p, w3, y33)
+        p = splat(x[m4, k])
+        y40, y41, y42, y43 = fma(p, w0, y40), fma(p, w1, y41), fma(p, w2, y42), fma(p, w3, y43)
+        p = splat(x[m5, k])
+        y50, y51, y52, y53 = fma(p, w0, y50), fma(p, w1, y51), fma(p, w2, y52), fma(p, w3, y53)
+    _put(out, m5, y50, y51, y52, y53)  # last to first: a repeated row ends with its first slot's sums
+    _put(out, m4, y40, y41, y42, y43)
+    _put(out, m3, y30, y31, y32, y33)
+    _put(out, m2, y20, y21, y22, y23)
+    _put(out, m1, y10, y11, y12, y13)
+    _put(out, m0, y00, y01, y02, y03)
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def rows_times_panels(x: np.ndarray, panels: np.ndarray, out: np.ndarray) -> None:
+    """out[m, n] = sum over k of x[m, k] * w[n, k], with w given as ``panels_of(w)`` [P, K,
+    PANEL]: x float32 [M, K], out float32 [M, P * PANEL] (features past N come out 0).
+
+    Vectors run along the output features: a tile of 6 input rows by one panel's 64
+    features (24 AVX-512 registers) gathers k's products with each panel row loaded once
+    and each input value broadcast once, so no sum ends horizontally. A task is one panel
+    (147 KB at K = 576), taken CHUNK rows of k at a time by every tile of rows in turn, so a
+    chunk is read from memory once and served from L1 to the other tiles; while they
+    compute, the tiles prefetch the panel rows PANEL_AHEAD on, a share per pass, so the
+    stream from memory overlaps the arithmetic. On the 2-core Zen 5 VM, 30 matrices of
+    1536 x 576 (``tools/bench_kernel.py``'s weights table) took 2.6 ms for 1 row, 3.4 ms for
+    17 and 10.0 ms for 65, against 3.0, 5.3 and 16.0 ms with ``rows_times_weights``.
+    """
+    m_rows, k_len = x.shape
+    flat = panels.reshape(panels.shape[0] * k_len, PANEL)
+    passes = (m_rows + TILE - 1) // TILE
+    for p in numba.prange(panels.shape[0]):
+        panel = panels[p]
+        o = out[:, p * PANEL : (p + 1) * PANEL]
+        ahead = p * k_len + PANEL_AHEAD
+        for k0 in range(0, k_len, CHUNK):
+            k1 = min(k_len, k0 + CHUNK)
+            for t in range(passes):
+                m = t * TILE
+                _panel_tile(x, panel, o, m, min(TILE, m_rows - m), k0, k1, flat, ahead, t, passes)
+
+
+def multiply(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x float32 [M, K] times a layer's weight as ``skinny_linears`` holds it: [N, K] as the
+    model does (``rows_times_weights``) or its panels (``rows_times_panels``): [M, N]."""
+    if weight.ndim == 2:
+        out = np.empty((x.shape[0], weight.shape[0]), np.float32)
+        rows_times_weights(x, weight, out)
+        return out
+    out = np.empty((x.shape[0], weight.shape[0] * PANEL), np.float32)
+    rows_times_panels(x, weight, out)
+    return out
+
+
+def skinny_linear(x: torch.Tensor, weight: np.ndarray, bias: torch.Tensor | None,
+                  features: int | None = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` for float32 CPU ``x`` [..., K] with at most MAX_ROWS rows;
+    ``weight`` is w as a numpy array [N, K] or ``panels_of`` it (then ``features`` is N)."""
     # numpy on both sides of the call: a forward makes 211 of them, and torch's reshape, empty
     # and view cost 10 us a call here against 5 (0.6 ms of a 1-token forward on the Xeon VM)
     xs = (x if x.is_contiguous() else x.contiguous()).numpy()
-    out = np.empty(xs.shape[:-1] + weight.shape[:1], np.float32)
-    rows_times_weights(xs.reshape(-1, xs.shape[-1]), weight, out.reshape(-1, weight.shape[0]), WIDE)
-    y = torch.from_numpy(out)
+    out = multiply(xs.reshape(-1, xs.shape[-1]), weight)
+    if features is not None and features != out.shape[1]:
+        out = np.ascontiguousarray(out[:, :features])  # the panels' zero padding off
+    y = torch.from_numpy(out.reshape(xs.shape[:-1] + out.shape[1:]))
     if bias is not None:
         y += bias
     return y
@@ -303,14 +383,33 @@ class KernelSettings:
             numba.set_num_threads(min(self.most[1], free))
 
 
+_panels: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # nn.Linear -> (its weight's stamp, panels)
+
+
+def held_weight(module: torch.nn.Linear) -> np.ndarray:
+    """A float32 CPU linear layer's weight as the kernel takes it: where PANELS, its
+    ``panels_of`` (a copy, made once per layer and kept while the layer lives; made again
+    when the weight's storage, shape or version counter changed: a load or an optimizer step
+    in between), else the weight itself as a numpy array (no copy)."""
+    w = module.weight.detach()
+    if not PANELS:
+        return w.numpy()
+    stamp = (w.data_ptr(), tuple(w.shape), None if w.is_inference() else module.weight._version)
+    held = _panels.get(module)
+    if held is None or held[0] != stamp:
+        held = _panels[module] = (stamp, panels_of(w.numpy()))
+    return held[1]
+
+
 _blocks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its outermost block's settings
 
 
 @contextlib.contextmanager
 def skinny_linears(model: torch.nn.Module) -> Iterator[KernelSettings]:
     """Within the block, the model's float32 CPU linear layers compute inputs of at most
-    MAX_ROWS rows with ``rows_times_weights`` where the yielded ``KernelSettings`` say so
-    (``kernel_rows``; a no-op on other devices and dtypes), on the threads they set.
+    MAX_ROWS rows with the kernel (``held_weight``: on panels where PANELS) where the yielded
+    ``KernelSettings`` say so (``kernel_rows``; a no-op on other devices and dtypes), on the
+    threads they set.
 
     A block within another for the same model (the cost curve is measured inside a generate
     call) yields the enclosing block's settings and leaves patching and restoring to it."""
@@ -320,14 +419,14 @@ def skinny_linears(model: torch.nn.Module) -> Iterator[KernelSettings]:
     patched = [m for m in model.modules() if _eligible(m) and "forward" not in vars(m)]
     settings = KernelSettings(bool(patched))
     for module in patched:
-        weight = module.weight.detach().numpy()
+        weight = held_weight(module)
 
         def forward(x: torch.Tensor, module=module, weight=weight) -> torch.Tensor:
             rows = x.numel() // max(1, x.shape[-1])
             if (x.dtype != torch.float32 or rows > MAX_ROWS or x.requires_grad
                     or not settings.kernel_rows[rows]):
                 return F.linear(x, module.weight, module.bias)
-            return skinny_linear(x, weight, module.bias)
+            return skinny_linear(x, weight, module.bias, module.out_features)
 
         module.forward = forward
     _blocks[model] = settings

@@ -6,8 +6,8 @@ Prints two tables, milliseconds, median of --reps (the forwards: --reps rounds o
 interleaved, after a warm-up round, as the cost curve is measured):
   weights   30 float32 weight matrices of 1536 x 576 (SmolLM2-135M's MLP shape, 106 MB: more
             than any cache, as in a real forward) times 1-64 input rows, F.linear (BLAS) and
-            the kernel, one matrix after another (on AVX-512, also the kernel with the 3-row
-            passes AVX2 gets)
+            decode.skinny's two kernels (on the weights as the model holds them, and on their
+            panels: the one AVX-512 machines use), one matrix after another
   attention one layer's attention of the model at --context cached tokens for 1 + n tree
             rows (query heads packed on their key/value head, as a tree forward runs it),
             PyTorch's SDPA and decode.cpu_attention's kernel, interleaved, each call on
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from retrodraft.decode import load_model
 from retrodraft.decode.budget import CostModel, forward_seconds
 from retrodraft.decode import cpu_attention
-from retrodraft.decode.skinny import WIDE, rows_times_weights
+from retrodraft.decode.skinny import PANELS, multiply, panels_of
 from retrodraft.decode.tree_attention import attention_shape
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
@@ -75,22 +75,19 @@ def main(argv: list[str] | None = None) -> None:
 
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(1536, 576, generator=gen) for _ in range(30)]
-    blas, kernel, narrow = [], [], []
+    panels = [panels_of(w.numpy()) for w in weights]
+    blas, kernel, paneled = [], [], []
     for m in ROWS:
         x = torch.randn(m, 576, generator=gen)
-        out = np.empty((m, 1536), np.float32)
         blas.append(median_ms(lambda: [F.linear(x, w) for w in weights], args.reps))
-        kernel.append(median_ms(lambda: [rows_times_weights(x.numpy(), w.numpy(), out, WIDE) for w in weights],
-                                args.reps))
-        if WIDE:
-            narrow.append(median_ms(lambda: [rows_times_weights(x.numpy(), w.numpy(), out, False) for w in weights],
-                                    args.reps))
+        kernel.append(median_ms(lambda: [multiply(x.numpy(), w.numpy()) for w in weights], args.reps))
+        paneled.append(median_ms(lambda: [multiply(x.numpy(), p) for p in panels], args.reps))
     print(f"weights: 30 x (1536 x 576) float32, ms, {torch.get_num_threads()} threads\n")
     print("| rows | " + " | ".join(map(str, ROWS)) + " |\n|---|" + "---|" * len(ROWS))
     print(row("`F.linear` (BLAS)", blas))
-    print(row("`decode.skinny` kernel" + (" (6-row passes)" if WIDE else ""), kernel))
-    if WIDE:
-        print(row("kernel, 3-row passes (AVX2's)", narrow))
+    print(row("`decode.skinny` kernel, weights as the model holds them" + ("" if PANELS else " (used here)"), kernel))
+    print(row("`decode.skinny` kernel on panels" + (" (used here)" if PANELS else " (AVX-512 only: slow here)"),
+              paneled))
 
     attention(model, args.context, args.reps)
 

@@ -6,20 +6,27 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from retrodraft.decode.skinny import MAX_ROWS, rows_times_weights, skinny_linear, skinny_linears
+from retrodraft.decode import skinny
+from retrodraft.decode.skinny import (MAX_ROWS, held_weight, multiply, panels_of, rows_times_weights, skinny_linear,
+                                       skinny_linears)
 
 
-# 6- or 3-row passes, then a 3-row pass (wide) and 0, 1 or 2 rows left
+# 3-row passes and 0, 1 or 2 rows left; 6-row panel tiles and a part-filled one
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 17, 65, MAX_ROWS])
 @pytest.mark.parametrize("out_features", [1, 4, 7, 192, 1030])  # prefetching reaches blocks past the first ones
-@pytest.mark.parametrize("in_features", [96, 100])  # a row ending mid cache line
-@pytest.mark.parametrize("wide", [False, True])  # either tile on any machine (AVX2 spills the wide one)
-def test_kernel_equals_f_linear(rows, out_features, in_features, wide):
+@pytest.mark.parametrize("in_features", [96, 100, 130])  # a row ending mid cache line; more than a chunk of k
+@pytest.mark.parametrize("panels", [False, True])  # either kernel on any machine (AVX2 spills the panel tiles)
+def test_kernel_equals_f_linear(rows, out_features, in_features, panels):
     g = torch.Generator().manual_seed(rows * 1000 + out_features)
     x = torch.randn(rows, in_features, generator=g)
     w = torch.randn(out_features, in_features, generator=g)
-    out = np.full((rows, out_features), np.nan, np.float32)  # every entry must be written
-    rows_times_weights(x.numpy(), w.numpy(), out, wide)
+    if panels:
+        out = multiply(x.numpy(), panels_of(w.numpy()))
+        assert out.shape == (rows, -(-out_features // skinny.PANEL) * skinny.PANEL) and not out[:, out_features:].any()
+        out = out[:, :out_features]
+    else:
+        out = np.full((rows, out_features), np.nan, np.float32)  # every entry must be written
+        rows_times_weights(x.numpy(), w.numpy(), out)
     torch.testing.assert_close(torch.from_numpy(out), F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
@@ -27,6 +34,27 @@ def test_skinny_linear_keeps_leading_dims_and_adds_bias():
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(1, 5, 32, generator=g), torch.randn(9, 32, generator=g), torch.randn(9, generator=g)
     torch.testing.assert_close(skinny_linear(x, w.numpy(), b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    y = skinny_linear(x, panels_of(w.numpy()), b, 9)  # the panels' padding cut off
+    assert y.shape == (1, 5, 9) and y.is_contiguous()
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_panels_are_made_once_per_weight_and_again_when_it_changes(monkeypatch):
+    monkeypatch.setattr(skinny, "PANELS", True)
+    layer = torch.nn.Linear(32, 70)
+    first = held_weight(layer)
+    assert held_weight(layer) is first  # kept for the next block
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(skinny_linear(x, first, layer.bias, 70), layer(x), rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # an optimizer step or a load in place: same storage, new version
+    second = held_weight(layer)
+    assert second is not first
+    torch.testing.assert_close(skinny_linear(x, second, layer.bias, 70), layer(x), rtol=1e-5, atol=1e-4)
+    layer.weight = torch.nn.Parameter(torch.randn(70, 32))  # a new tensor
+    torch.testing.assert_close(skinny_linear(x, held_weight(layer), layer.bias, 70), layer(x), rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(skinny, "PANELS", False)
+    assert np.shares_memory(held_weight(layer), layer.weight.detach().numpy())  # AVX2: the weight itself
 
 
 def test_context_routes_few_rows_to_the_kernel_and_restores_the_layers(monkeypatch):
@@ -34,8 +62,8 @@ def test_context_routes_few_rows_to_the_kernel_and_restores_the_layers(monkeypat
     layer = model.model.layers[0].self_attn.q_proj
     few, many = torch.randn(1, 3, 32), torch.randn(1, MAX_ROWS + 1, 32)
     calls = []
-    monkeypatch.setattr("retrodraft.decode.skinny.rows_times_weights",
-                        lambda x, w, out, *_: calls.append(x.shape) or out.__setitem__(..., x @ w.T))
+    real = skinny.multiply
+    monkeypatch.setattr(skinny, "multiply", lambda x, w: calls.append(x.shape) or real(x, w))
     with torch.inference_mode(), skinny_linears(model):
         torch.testing.assert_close(layer(few), F.linear(few, layer.weight, layer.bias))
         assert layer(many).shape == (1, MAX_ROWS + 1, 32)
@@ -57,8 +85,8 @@ def test_row_counts_the_settings_send_to_blas_skip_the_kernel(monkeypatch):
     model = tiny_model("llama")
     layer = model.model.layers[0].mlp.up_proj
     calls = []
-    monkeypatch.setattr("retrodraft.decode.skinny.rows_times_weights",
-                        lambda x, w, out, *_: calls.append(x.shape[0]) or out.__setitem__(..., x @ w.T))
+    real = skinny.multiply
+    monkeypatch.setattr(skinny, "multiply", lambda x, w: calls.append(x.shape[0]) or real(x, w))
     with torch.inference_mode(), skinny_linears(model) as settings:
         settings.kernel_rows = np.arange(MAX_ROWS + 1) % 2 == 1  # odd row counts only
         for rows in (1, 2, 3, 4):
