@@ -32,7 +32,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from retrodraft.decode.simd import (LANES, add, exp_nonpositive, fma, lanes_sum, largest, load, maximum, mul,
+from retrodraft.decode.simd import (LANES, add, exp_nonpositive, fma, fma4, lanes_sum, largest, load, maximum, mul,
                                     splat, store, sub)
 
 MAX_QUERY_ROWS = 512  # above (a prompt's prefill), SDPA: its blocks suit long queries, and the scores would be large
@@ -232,14 +232,10 @@ def _block(q, k, v, mask_t, scale, s, out, h, r0):
             for j in range(length):
                 x0, x1, x2, x3 = load(v, (h, j, c)), load(v, (h, j, c + 16)), load(v, (h, j, c + 32)), load(
                     v, (h, j, c + 48))
-                p = splat(s[j, b])
-                y00, y01, y02, y03 = fma(p, x0, y00), fma(p, x1, y01), fma(p, x2, y02), fma(p, x3, y03)
-                p = splat(s[j, b + 1])
-                y10, y11, y12, y13 = fma(p, x0, y10), fma(p, x1, y11), fma(p, x2, y12), fma(p, x3, y13)
-                p = splat(s[j, b + 2])
-                y20, y21, y22, y23 = fma(p, x0, y20), fma(p, x1, y21), fma(p, x2, y22), fma(p, x3, y23)
-                p = splat(s[j, b + 3])
-                y30, y31, y32, y33 = fma(p, x0, y30), fma(p, x1, y31), fma(p, x2, y32), fma(p, x3, y33)
+                y00, y01, y02, y03 = fma4(s[j, b], x0, x1, x2, x3, y00, y01, y02, y03)
+                y10, y11, y12, y13 = fma4(s[j, b + 1], x0, x1, x2, x3, y10, y11, y12, y13)
+                y20, y21, y22, y23 = fma4(s[j, b + 2], x0, x1, x2, x3, y20, y21, y22, y23)
+                y30, y31, y32, y33 = fma4(s[j, b + 3], x0, x1, x2, x3, y30, y31, y32, y33)
             _normalized(out, h, r0 + b, c, totals, b, y00, y01, y02, y03)
             _normalized(out, h, r0 + b + 1, c, totals, b + 1, y10, y11, y12, y13)
             _normalized(out, h, r0 + b + 2, c, totals, b + 2, y20, y21, y22, y23)

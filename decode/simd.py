@@ -231,3 +231,11 @@ def largest(vec) -> float:
     for i in range(1, LANES):
         top = max(top, lane(vec, i))
     return top
+
+
+@numba.njit(cache=True, inline="always")
+def fma4(x, w0, w1, w2, w3, a0, a1, a2, a3):
+    """A row of four accumulators plus the scalar ``x`` times four vectors: (a0 + x * w0, ...,
+    a3 + x * w3), the step of a tile that broadcasts one value against 64 lanes."""
+    p = splat(x)
+    return fma(p, w0, a0), fma(p, w1, a1), fma(p, w2, a2), fma(p, w3, a3)

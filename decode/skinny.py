@@ -40,7 +40,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from retrodraft.decode.cores import free_cores
-from retrodraft.decode.simd import fma, load, splat, store
+from retrodraft.decode.simd import fma4, load, splat, store
 
 MAX_ROWS = 128  # BLAS above (a prompt's prefill); from ~16 rows to here the two trade places between runs
 BLOCK = 4  # weight rows per task
@@ -250,18 +250,12 @@ def _panel_tile(x, panel, out, m, rows, k0, k1, flat, ahead, t, passes):
     for k in range(k0, k1):
         _fetch(flat, min(ahead + k, last), t, passes)
         w0, w1, w2, w3 = load(panel, (k, 0)), load(panel, (k, 16)), load(panel, (k, 32)), load(panel, (k, 48))
-        p = splat(x[m0, k])
-        y00, y01, y02, y03 = fma(p, w0, y00), fma(p, w1, y01), fma(p, w2, y02), fma(p, w3, y03)
-        p = splat(x[m1, k])
-        y10, y11, y12, y13 = fma(p, w0, y10), fma(p, w1, y11), fma(p, w2, y12), fma(p, w3, y13)
-        p = splat(x[m2, k])
-        y20, y21, y22, y23 = fma(p, w0, y20), fma(p, w1, y21), fma(p, w2, y22), fma(p, w3, y23)
-        p = splat(x[m3, k])
-        y30, y31, y32, y33 = fma(p, w0, y30), fma(p, w1, y31), fma(p, w2, y32), fma(p, w3, y33)
-        p = splat(x[m4, k])
-        y40, y41, y42, y43 = fma(p, w0, y40), fma(p, w1, y41), fma(p, w2, y42), fma(p, w3, y43)
-        p = splat(x[m5, k])
-        y50, y51, y52, y53 = fma(p, w0, y50), fma(p, w1, y51), fma(p, w2, y52), fma(p, w3, y53)
+        y00, y01, y02, y03 = fma4(x[m0, k], w0, w1, w2, w3, y00, y01, y02, y03)
+        y10, y11, y12, y13 = fma4(x[m1, k], w0, w1, w2, w3, y10, y11, y12, y13)
+        y20, y21, y22, y23 = fma4(x[m2, k], w0, w1, w2, w3, y20, y21, y22, y23)
+        y30, y31, y32, y33 = fma4(x[m3, k], w0, w1, w2, w3, y30, y31, y32, y33)
+        y40, y41, y42, y43 = fma4(x[m4, k], w0, w1, w2, w3, y40, y41, y42, y43)
+        y50, y51, y52, y53 = fma4(x[m5, k], w0, w1, w2, w3, y50, y51, y52, y53)
     _put(out, m5, y50, y51, y52, y53)  # last to first: a repeated row ends with its first slot's sums
     _put(out, m4, y40, y41, y42, y43)
     _put(out, m3, y30, y31, y32, y33)

@@ -15,6 +15,9 @@ def _ops(a, b, c, out):
     simd.store(out, (2, 0), simd.add(x, simd.splat(2.5)))
     simd.store(out, (3, 0), simd.sub(x, y))
     simd.store(out, (4, 0), simd.mul(x, y))
+    r = simd.fma4(a[1, 2], x, y, z, x, z, y, x, z)
+    for i in range(4):
+        simd.store(out, (5 + i, 0), r[i])
     return simd.lanes_sum(x), simd.largest(y), simd.lane(z, 3)
 
 
@@ -23,14 +26,17 @@ def test_each_operation_is_numpys_lane_by_lane():
     a = rng.standard_normal((2, LANES), np.float32)
     b = rng.standard_normal(LANES + 3, np.float32)
     c = rng.standard_normal(LANES, np.float32)
-    out = np.zeros((5, LANES), np.float32)
+    out = np.zeros((9, LANES), np.float32)
     total, top, third = _ops(a, b, c, out)
-    x, y = a[0], b[1 : LANES + 1]  # load reads from the index along the last axis
+    x, y, z = a[0], b[1 : LANES + 1], c  # load reads from the index along the last axis
     np.testing.assert_allclose(out[0], x * y + c, rtol=1e-6)
     np.testing.assert_array_equal(out[1], np.maximum(x, y))
     np.testing.assert_array_equal(out[2], x + np.float32(2.5))
     np.testing.assert_array_equal(out[3], x - y)
     np.testing.assert_array_equal(out[4], x * y)
+    s = a[1, 2]
+    for i, (w, acc) in enumerate(((x, z), (y, y), (z, x), (x, z))):  # fma4: a row of four accumulators
+        np.testing.assert_allclose(out[5 + i], acc + s * w, rtol=1e-6)
     assert np.isclose(total, x.sum(), rtol=1e-5) and top == y.max() and third == c[3]
 
 
