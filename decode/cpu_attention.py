@@ -10,7 +10,8 @@ BLAS that runs AVX2 code on AMD CPUs. On a 2-core Zen 5 VM at a 1024-token conte
 Two kernels, each one pass of scores, softmax and weighted sum of values per task, all tasks
 in parallel:
 
-- few rows (at most FEW per head: a step with no or few drafts): a task is (head, 3 query
+- few rows (at most FEW per head: a step with no or few drafts; any count on machines
+  without AVX-512, where row blocks would spill their registers): a task is (head, 3 query
   rows); scores are dot products along the head's features, the three rows' value sums stay
   in registers;
 - row blocks (more rows): a task is (head, 16 query rows), one vector's lanes. Its scores
@@ -32,12 +33,13 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from retrodraft.decode.simd import (LANES, add, exp_nonpositive, fma, fma4, lanes_sum, largest, load, maximum, mul,
-                                    splat, store, sub)
+from retrodraft.decode.simd import (LANES, WIDE_REGISTERS, add, exp_nonpositive, fma, fma4, lanes_sum, largest, load,
+                                    maximum, mul, splat, store, sub)
 
 MAX_QUERY_ROWS = 512  # above (a prompt's prefill), SDPA: its blocks suit long queries, and the scores would be large
 ROWS = 3  # query rows per few-rows task: their value accumulators (3 x 64 floats) take 12 of AVX-512's 32 registers
 FEW = 8  # query rows per head up to which the few-rows kernel runs (Zen 5 VM: the two tie at 9, row blocks lead at 15)
+ROW_BLOCKS = WIDE_REGISTERS  # the row-block kernel's 8-key score tile spills AVX2's registers: measured on AVX-512 only
 BLOCK = LANES  # query rows per row-block task
 KEYS = 8  # keys per score tile of a row block: 8 accumulators, one vector of queries loaded per feature
 # fast math without "no infinities, no NaNs": a mask's -inf must stay -inf and weigh 0
@@ -266,6 +268,12 @@ def transposed_mask(mask: torch.Tensor) -> np.ndarray:
     return out
 
 
+def uses_row_blocks(rows: int) -> bool:
+    """Whether ``attend`` runs the row-block kernel for ``rows`` query rows per head (and so
+    reads the mask transposed)."""
+    return ROW_BLOCKS and rows > FEW
+
+
 def serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether ``attend`` takes these inputs: float32 on a CPU, one sequence of at most
     MAX_QUERY_ROWS query rows, a head size in HEAD_DIMS, an additive float32 mask [1, 1, R, L]
@@ -293,14 +301,14 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
            mask_t: np.ndarray | None = None) -> torch.Tensor:
     """SDPA for query [1, H, R, D] over key and value [1, H, L, D] with an additive mask
     [1, 1, R, L'] (L' <= L: the first L' keys count) shared by the heads: [1, H, R, D]. See
-    ``serves`` for what it takes. Over FEW rows it runs the row-block kernel, on ``mask_t``
+    ``serves`` for what it takes. Where ``uses_row_blocks`` it runs the row-block kernel, on ``mask_t``
     (``transposed_mask``: of this mask, or of one with more columns, the first L' counting)
     or, if None, on the mask transposed here."""
     _, heads, rows, dim = query.shape
     length = mask.shape[-1]
     q = query[0].contiguous().numpy()
     out = np.empty((heads, rows, dim), np.float32)
-    if rows > FEW:
+    if uses_row_blocks(rows):
         mask_t = transposed_mask(mask) if mask_t is None else mask_t[:length]
         scores = np.empty((heads, padded(rows) // BLOCK, length, BLOCK), np.float32)
         row_block_attention(q, _whole(key), _whole(value), mask_t, np.float32(scale), scores, out)

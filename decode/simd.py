@@ -17,11 +17,15 @@ import math
 
 import numba
 from llvmlite import ir
+from llvmlite.binding import get_host_cpu_features
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 LANES = 16
+# Whether the host has AVX-512's 32 vector registers: tiles of 24 accumulators of 16 lanes fit
+# there; on AVX2 (16 registers of 8 lanes) they spill, so kernels built on them are used only here.
+WIDE_REGISTERS = bool(get_host_cpu_features().get("avx512f", False))
 
 
 class F32x16(types.Type):

@@ -34,13 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from llvmlite import ir
-from llvmlite.binding import get_host_cpu_features
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from retrodraft.decode.cores import free_cores
-from retrodraft.decode.simd import fma4, load, splat, store
+from retrodraft.decode.simd import WIDE_REGISTERS, fma4, load, splat, store
 
 MAX_ROWS = 128  # BLAS above (a prompt's prefill); from ~16 rows to here the two trade places between runs
 BLOCK = 4  # weight rows per task
@@ -52,7 +51,7 @@ CHUNK = 64  # rows of k per pass of every tile over a panel (16 KB: stays in L1 
 PANEL_AHEAD = 128  # panel rows (256 bytes each) prefetched ahead of the one computed
 # The panel kernel's tiles need AVX-512's 32 vector registers (on AVX2 its vectors split in two
 # and spill); there it also costs a second copy of the weights, which AVX2 machines are spared.
-PANELS = bool(get_host_cpu_features().get("avx512f", False))
+PANELS = WIDE_REGISTERS
 
 
 @intrinsic

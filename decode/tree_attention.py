@@ -55,7 +55,7 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     whole, attention_mask = attention_mask, attention_mask[..., : key.shape[-2]]
     packed = query.reshape(b, heads // groups, groups * q, d)
     if cpu_attention.serves(packed, key, value, attention_mask):
-        mask_t = _transposed(whole) if groups * q > cpu_attention.FEW else None
+        mask_t = _transposed(whole) if cpu_attention.uses_row_blocks(groups * q) else None
         out = cpu_attention.attend(packed, key, value, attention_mask, d**-0.5 if scaling is None else scaling, mask_t)
     else:
         out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)

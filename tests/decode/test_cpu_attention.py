@@ -28,9 +28,11 @@ def tree_mask(rows: int, past: int, gen: torch.Generator) -> torch.Tensor:
 # few rows: whole chunks of 3 rows, then 1 or 2 left over; row blocks: whole, partial, 8 keys and fewer left
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, cpu_attention.FEW, cpu_attention.FEW + 1, 16, 17, 27, 52])
 @pytest.mark.parametrize("heads", [1, 3])
-def test_attend_equals_sdpa_over_a_cache_buffer(dim, rows, heads):
+@pytest.mark.parametrize("blocks", [False, True])  # both kernels on any machine (AVX2 uses only the few-rows one)
+def test_attend_equals_sdpa_over_a_cache_buffer(dim, rows, heads, blocks, monkeypatch):
     """Keys and values as the cache holds them (views of the first rows of a longer buffer:
     read in place), a mask shorter than the buffer, the result SDPA's to float32 rounding."""
+    monkeypatch.setattr(cpu_attention, "ROW_BLOCKS", blocks)
     gen = torch.Generator().manual_seed(dim * 100 + rows * 10 + heads)
     past, spare = 37, 11
     length = past + rows
@@ -43,7 +45,8 @@ def test_attend_equals_sdpa_over_a_cache_buffer(dim, rows, heads):
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=1e-5, atol=1e-5)
 
 
-def test_a_mask_over_fewer_keys_than_given_uses_the_first_ones():
+def test_a_mask_over_fewer_keys_than_given_uses_the_first_ones(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "ROW_BLOCKS", True)
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, n, 64, generator=gen) for n in (4, 30, 30))
     for rows in (4, 20):  # both kernels
@@ -54,9 +57,10 @@ def test_a_mask_over_fewer_keys_than_given_uses_the_first_ones():
                                                                   scale=0.125), rtol=1e-5, atol=1e-5)
 
 
-def test_row_blocks_read_a_transposed_mask_made_once_with_more_columns():
+def test_row_blocks_read_a_transposed_mask_made_once_with_more_columns(monkeypatch):
     """``packed_sdpa`` transposes a forward's mask once and hands every layer the same
     one, which may have more columns than a layer's mask (the first ones count)."""
+    monkeypatch.setattr(cpu_attention, "ROW_BLOCKS", True)
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 3, n, 64, generator=gen) for n in (20, 40, 40))
     mask = tree_mask(20, 20, gen)
@@ -95,6 +99,7 @@ def test_a_tree_forward_runs_the_kernel_and_equals_transformers_sdpa(monkeypatch
     tree = DraftTree.build([10, 11, 12, 14, 13], [-1, -1, 1, 0, 2])
     past = REPETITIVE.shape[1] - 1
     ids, positions, mask = tree_inputs(int(REPETITIVE[0, -1]), tree, past, model.device, model.dtype)
+    monkeypatch.setattr(cpu_attention, "ROW_BLOCKS", True)
     calls = []
     real = cpu_attention.row_block_attention
     monkeypatch.setattr(cpu_attention, "row_block_attention", lambda *a: calls.append(a[0].shape) or real(*a))
