@@ -34,7 +34,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from retrodraft.decode.simd import (LANES, WIDE_REGISTERS, add, exp_nonpositive, fma, fma4, lanes_sum, largest, load,
-                                    maximum, mul, splat, store, sub)
+                                    load4, maximum, mul, splat, store, store4, sub)
 
 MAX_QUERY_ROWS = 512  # above (a prompt's prefill), SDPA: its blocks suit long queries, and the scores would be large
 ROWS = 3  # query rows per few-rows task: their value accumulators (3 x 64 floats) take 12 of AVX-512's 32 registers
@@ -175,10 +175,7 @@ def _normalized(out, h, r, c, totals, q, y0, y1, y2, y3):
     """Store 64 features of block row q (row r of the output, if it is one) over its total."""
     if r < out.shape[1]:
         inv = splat(np.float32(1.0) / totals[q])
-        store(out, (h, r, c), mul(y0, inv))
-        store(out, (h, r, c + 16), mul(y1, inv))
-        store(out, (h, r, c + 32), mul(y2, inv))
-        store(out, (h, r, c + 48), mul(y3, inv))
+        store4(out[h, r, c:], mul(y0, inv), mul(y1, inv), mul(y2, inv), mul(y3, inv))
 
 
 @numba.njit(cache=True, fastmath=FAST, inline="always")
@@ -232,8 +229,7 @@ def _block(q, k, v, mask_t, scale, s, out, h, r0):
             y00 = y01 = y02 = y03 = y10 = y11 = y12 = y13 = splat(0.0)
             y20 = y21 = y22 = y23 = y30 = y31 = y32 = y33 = splat(0.0)
             for j in range(length):
-                x0, x1, x2, x3 = load(v, (h, j, c)), load(v, (h, j, c + 16)), load(v, (h, j, c + 32)), load(
-                    v, (h, j, c + 48))
+                x0, x1, x2, x3 = load4(v[h, j, c:])
                 y00, y01, y02, y03 = fma4(s[j, b], x0, x1, x2, x3, y00, y01, y02, y03)
                 y10, y11, y12, y13 = fma4(s[j, b + 1], x0, x1, x2, x3, y10, y11, y12, y13)
                 y20, y21, y22, y23 = fma4(s[j, b + 2], x0, x1, x2, x3, y20, y21, y22, y23)

@@ -8,7 +8,9 @@ is LLVM's ``<16 x float>``: a kernel holds its accumulators in local variables o
 type, so they live in registers (one zmm on AVX-512, two ymm on AVX2) by construction.
 
 The operations are the few a kernel's inner loop needs: load and store 16 consecutive
-values of an array, splat a scalar, fused multiply-add, max, and reading one lane.
+values of an array (or 64: ``load4``, ``store4``), splat a scalar, fused multiply-add (and
+``fma4``, one broadcast row of a tile), max, add, subtract, multiply, an exponential for
+softmax, and reading lanes (one, their sum, their largest).
 """
 
 from __future__ import annotations
@@ -101,6 +103,13 @@ def splat(typingctx, x):
     return f32x16(x), codegen
 
 
+def _llvm(builder, name: str, *values):
+    """A call of LLVM's lane-by-lane intrinsic ``llvm.<name>.v16f32`` on vector ``values``."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * len(values)),
+                                        f"llvm.{name}.v16f32")
+    return builder.call(fn, values)
+
+
 def _lanewise(name: str):
     """An intrinsic applying LLVM's ``llvm.<name>.v16f32`` lane by lane to its vector arguments."""
 
@@ -109,9 +118,7 @@ def _lanewise(name: str):
             return None
 
         def codegen(context, builder, signature, values):
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * len(values)),
-                                                f"llvm.{name}.v16f32")
-            return builder.call(fn, values)
+            return _llvm(builder, name, *values)
 
         return f32x16(*args), codegen
 
@@ -197,9 +204,7 @@ def exp_nonpositive(typingctx, x):
             return ir.Constant(_VECTOR, [value] * LANES)
 
         def call(name: str, *values):
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * len(values)),
-                                                f"llvm.{name}.v16f32")
-            return builder.call(fn, values)
+            return _llvm(builder, name, *values)
 
         v = args[0]
         low = builder.fcmp_ordered("<", v, const(LOWEST))
@@ -243,3 +248,18 @@ def fma4(x, w0, w1, w2, w3, a0, a1, a2, a3):
     a3 + x * w3), the step of a tile that broadcasts one value against 64 lanes."""
     p = splat(x)
     return fma(p, w0, a0), fma(p, w1, a1), fma(p, w2, a2), fma(p, w3, a3)
+
+
+@numba.njit(cache=True, inline="always")
+def load4(row):
+    """The first 64 values of the contiguous 1-D ``row`` as four vectors."""
+    return load(row, (0,)), load(row, (16,)), load(row, (32,)), load(row, (48,))
+
+
+@numba.njit(cache=True, inline="always")
+def store4(row, a, b, c, d):
+    """Write four vectors to the first 64 values of the contiguous 1-D ``row``."""
+    store(row, (0,), a)
+    store(row, (16,), b)
+    store(row, (32,), c)
+    store(row, (48,), d)

@@ -39,7 +39,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from retrodraft.decode.cores import free_cores
-from retrodraft.decode.simd import WIDE_REGISTERS, fma4, load, splat, store
+from retrodraft.decode.simd import WIDE_REGISTERS, fma4, load, load4, splat, store4
 
 MAX_ROWS = 128  # BLAS above (a prompt's prefill); from ~16 rows to here the two trade places between runs
 BLOCK = 4  # weight rows per task
@@ -199,19 +199,6 @@ def panels_of(weight: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, fastmath=True, inline="always")
-def _put(out, m, a, b, c, d):
-    store(out, (m, 0), a)
-    store(out, (m, 16), b)
-    store(out, (m, 32), c)
-    store(out, (m, 48), d)
-
-
-@numba.njit(cache=True, fastmath=True, inline="always")
-def _got(out, m):
-    return load(out, (m, 0)), load(out, (m, 16)), load(out, (m, 32)), load(out, (m, 48))
-
-
-@numba.njit(cache=True, fastmath=True, inline="always")
 def _fetch(flat, row, t, passes):
     """Pass t of ``passes`` over a chunk prefetches its share of the 4 cache lines of panel row
     ``row``: all 4 in a single pass, else 2, 1 or (from the fifth pass) none."""
@@ -243,8 +230,8 @@ def _panel_tile(x, panel, out, m, rows, k0, k1, flat, ahead, t, passes):
         y00 = y01 = y02 = y03 = y10 = y11 = y12 = y13 = y20 = y21 = y22 = y23 = splat(0.0)
         y30 = y31 = y32 = y33 = y40 = y41 = y42 = y43 = y50 = y51 = y52 = y53 = splat(0.0)
     else:
-        (y00, y01, y02, y03), (y10, y11, y12, y13), (y20, y21, y22, y23) = _got(out, m0), _got(out, m1), _got(out, m2)
-        (y30, y31, y32, y33), (y40, y41, y42, y43), (y50, y51, y52, y53) = _got(out, m3), _got(out, m4), _got(out, m5)
+        (y00, y01, y02, y03), (y10, y11, y12, y13), (y20, y21, y22, y23) = load4(out[m0]), load4(out[m1]), load4(out[m2])
+        (y30, y31, y32, y33), (y40, y41, y42, y43), (y50, y51, y52, y53) = load4(out[m3]), load4(out[m4]), load4(out[m5])
     last = flat.shape[0] - 1
     for k in range(k0, k1):
         _fetch(flat, min(ahead + k, last), t, passes)
@@ -255,12 +242,12 @@ def _panel_tile(x, panel, out, m, rows, k0, k1, flat, ahead, t, passes):
         y30, y31, y32, y33 = fma4(x[m3, k], w0, w1, w2, w3, y30, y31, y32, y33)
         y40, y41, y42, y43 = fma4(x[m4, k], w0, w1, w2, w3, y40, y41, y42, y43)
         y50, y51, y52, y53 = fma4(x[m5, k], w0, w1, w2, w3, y50, y51, y52, y53)
-    _put(out, m5, y50, y51, y52, y53)  # last to first: a repeated row ends with its first slot's sums
-    _put(out, m4, y40, y41, y42, y43)
-    _put(out, m3, y30, y31, y32, y33)
-    _put(out, m2, y20, y21, y22, y23)
-    _put(out, m1, y10, y11, y12, y13)
-    _put(out, m0, y00, y01, y02, y03)
+    store4(out[m5], y50, y51, y52, y53)  # last to first: a repeated row ends with its first slot's sums
+    store4(out[m4], y40, y41, y42, y43)
+    store4(out[m3], y30, y31, y32, y33)
+    store4(out[m2], y20, y21, y22, y23)
+    store4(out[m1], y10, y11, y12, y13)
+    store4(out[m0], y00, y01, y02, y03)
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
