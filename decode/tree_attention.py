@@ -80,29 +80,31 @@ def mask_groups(model) -> int:
     return heads // kv_heads if heads and kv_heads else 1
 
 
-_last_tiled: list = [None, 0, None]  # (mask, groups, tiled): every layer of a forward gets the same mask
+def _once_per_forward(memo: list, mask: torch.Tensor, key, make):
+    """``make()``, derived from ``mask``, computed once per forward rather than once per layer:
+    every layer of a forward gets the same mask object, so the same object with the same
+    ``key`` and version counter gets the last answer again (inference tensors keep no
+    version: the same object is trusted). ``memo`` [mask, (key, version), answer] holds the
+    mask, which keeps its memory from serving another mask meanwhile."""
+    stamp = (key, None if mask.is_inference() else mask._version)
+    if memo[0] is not mask or memo[1] != stamp:
+        memo[:] = [mask, stamp, make()]
+    return memo[2]
+
+
+_last_tiled: list = [None, None, None]
+_last_transposed: list = [None, None, None]
 
 
 def _tiled(mask: torch.Tensor, groups: int) -> torch.Tensor:
-    """``mask`` [1, 1, q, k] tiled to [1, 1, groups * q, k], once per forward rather than once
-    per layer (the copy was ~7% of a 16-node forward at a 1024-token context)."""
-    if _last_tiled[0] is not mask or _last_tiled[1] != groups:
-        _last_tiled[:] = [mask, groups, mask.repeat(1, 1, groups, 1)]
-    return _last_tiled[2]
-
-
-_last_transposed: list = [None, -1, None]  # (mask, its version, transposed), as _last_tiled
+    """``mask`` [1, 1, q, k] tiled to [1, 1, groups * q, k], once per forward (the copy in
+    every layer was ~7% of a 16-node forward at a 1024-token context)."""
+    return _once_per_forward(_last_tiled, mask, groups, lambda: mask.repeat(1, 1, groups, 1))
 
 
 def _transposed(mask: torch.Tensor) -> np.ndarray:
-    """``cpu_attention.transposed_mask(mask)``, once per forward rather than once per layer.
-    The same object gets the same answer unless its version counter moved (inference tensors
-    keep none: the same object is trusted, as ``_tiled`` trusts it); holding it keeps its
-    memory from serving another mask meanwhile."""
-    version = None if mask.is_inference() else mask._version
-    if _last_transposed[0] is not mask or _last_transposed[1] != version:
-        _last_transposed[:] = [mask, version, cpu_attention.transposed_mask(mask)]
-    return _last_transposed[2]
+    """``cpu_attention.transposed_mask(mask)``, once per forward."""
+    return _once_per_forward(_last_transposed, mask, None, lambda: cpu_attention.transposed_mask(mask))
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa)

@@ -1,5 +1,6 @@
 """The few-rows and row-block attention kernels: SDPA's results, and what they refuse."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,3 +113,20 @@ def test_a_tree_forward_runs_the_kernel_and_equals_transformers_sdpa(monkeypatch
                                            cache=cache, use_cache=True).last_hidden_state)
     assert calls == [(2, 2 * 6, 64)] * 2  # each layer: 2 key/value heads, 2 groups of 6 rows (more than FEW)
     torch.testing.assert_close(hidden[0], hidden[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_forwards_mask_is_tiled_and_transposed_once_and_again_when_changed_in_place():
+    """Every layer of a forward gets the same mask object: its tiling and transposition are
+    made once, and made again for another object or after the same one is written to."""
+    from retrodraft.decode import tree_attention
+
+    mask = tree_mask(5, 7, torch.Generator().manual_seed(5))
+    tiled, transposed = tree_attention._tiled(mask, 2), tree_attention._transposed(mask)
+    assert tree_attention._tiled(mask, 2) is tiled and tree_attention._transposed(mask) is transposed
+    assert torch.equal(tiled, mask.repeat(1, 1, 2, 1))
+    np.testing.assert_array_equal(transposed, transposed_mask(mask))
+    assert tree_attention._tiled(mask, 3).shape[-2] == 15  # another tiling of the same mask
+    mask[0, 0, 0, 0] = LOWEST  # written in place: its version counter moves
+    assert tree_attention._tiled(mask, 2)[0, 0, 5, 0] == LOWEST  # the second group's copy of row 0
+    assert tree_attention._transposed(mask)[0, 0] == LOWEST
+    assert tree_attention._tiled(mask.clone(), 2) is not tree_attention._tiled(mask, 2)
