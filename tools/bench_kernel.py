@@ -115,12 +115,14 @@ def attention(model, context: int, reps: int) -> None:
             q = torch.randn(1, kv_heads, groups * (n + 1), dim, generator=gen)
             k, v = (torch.randn(1, kv_heads, context + n + 1, dim, generator=gen) for _ in range(2))
             mask = torch.zeros(1, 1, groups * (n + 1), context + n + 1)
+            # a forward transposes its mask once for all layers (tree_attention._transposed): not timed here
+            mask_t = cpu_attention.transposed_mask(mask) if cpu_attention.uses_row_blocks(mask.shape[-2]) else None
             for path in ("sdpa", "kernel"):
                 t = time.perf_counter()
                 if path == "sdpa":
                     F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                 else:
-                    cpu_attention.attend(q, k, v, mask, dim**-0.5)
+                    cpu_attention.attend(q, k, v, mask, dim**-0.5, mask_t)
                 if r:
                     times.setdefault(path, {}).setdefault(n, []).append(time.perf_counter() - t)
     print(f"\nattention of one layer ({kv_heads} key/value heads x {groups} query heads, head size {dim}) for 1 + n "
