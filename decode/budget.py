@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from retrodraft.decode.costfit import PRIOR_WEIGHT, TRUST, CurveLearner, HostLearner, isotonic, through_pools
 from retrodraft.decode.model import cache_dir
-from retrodraft.decode.skinny import MAX_ROWS, serves
+from retrodraft.decode.skinny import MAX_ROWS, linear_argmax, serves
 from retrodraft.decode.tree_attention import new_cache, verification_kernels, tree_inputs, truncate_cache
 from retrodraft.retrieval.config import DEFAULT
 from retrodraft.retrieval.speculator import choose_budget  # noqa: F401  (numpy only, so it lives with the Speculator)
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 SIZES = DEFAULT.cost_sizes  # reasons for both in SpeculationConfig
 BUCKETS = DEFAULT.cost_contexts
-VERIFY_PATH = 9  # bumped when the verification forward changes, so cached curves are re-measured
+VERIFY_PATH = 10  # bumped when the verification forward changes, so cached curves are re-measured
 CACHE_FORMAT = 3  # the cache file's layout (2: spread, seconds of a 0-node step, the learned state; 3: the path)
 ROUNDS = 9  # interleaved rounds over all sizes (after one warm-up round)
 SPREAD_LIMIT = 0.10  # median relative interquartile range above which the machine was busy: measure again
@@ -140,7 +140,7 @@ def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int
                         t = time.perf_counter()
                         h = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
                                              cache=cache, use_cache=True).last_hidden_state
-                        head(h).max(-1)  # as the verifier picks its tokens
+                        linear_argmax(head, h)  # as the verifier picks its tokens
                         _sync(device)
                         out[r, p, i] = time.perf_counter() - t
                         truncate_cache(cache, context)

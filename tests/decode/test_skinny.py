@@ -105,3 +105,45 @@ def test_nested_contexts_restore_once_and_share_the_settings():
             assert inner is outer  # what an inner block routes, the outer block's layers follow
         assert layer.forward is patched  # still the outer block's
     assert "forward" not in vars(layer)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 17, 65])
+@pytest.mark.parametrize("out_features", [64, 70, 1030])  # whole panels; a padded last panel
+def test_linear_argmax_takes_the_first_maximum_from_the_kernels_tiles(monkeypatch, rows, out_features):
+    monkeypatch.setattr(skinny, "PANELS", True)  # the panel kernel on any machine (AVX2 spills, still exact)
+    g = torch.Generator().manual_seed(rows + out_features)
+    head = torch.nn.Linear(48, out_features, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(out_features, 48, generator=g))
+        head.weight[:, 0] = head.weight[:, 0].abs() + 1  # an input along -e0 scores every feature below 0
+        head.weight[out_features // 3] = head.weight[out_features - 1]  # a tie: the first index wins
+    w = head.weight.detach()
+    x = torch.randn(1, rows, 48, generator=g)
+    x[0, 0] = w[out_features - 1]  # row 0's largest is the tied pair
+    if out_features == 70 and rows > 1:
+        x[0, -1] = 0.0
+        x[0, -1, 0] = -1.0  # negative logits only: the padding's zeros must not win
+    calls = []
+    real = skinny.rows_times_panels
+    monkeypatch.setattr(skinny, "rows_times_panels", lambda *a: calls.append(a[3].size) or real(*a))
+    with torch.inference_mode(), skinny_linears(head):
+        logits, index = skinny.linear_argmax(head, x)
+    assert calls and calls[0] > 0  # the tiles' maxima were taken
+    want = F.linear(x, head.weight)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-4)
+    assert index.shape == (1, rows) and index.dtype == torch.int64
+    assert index.tolist() == logits.max(-1).indices.tolist()
+    assert index[0, 0] == out_features // 3
+    if out_features == 70 and rows > 1:
+        assert logits[0, -1].max() < 0  # the padded panel's zeros would have won
+
+
+def test_linear_argmax_outside_the_kernel_is_the_layer_and_its_max():
+    head = torch.nn.Linear(16, 40)
+    x = torch.randn(3, 16)
+    logits, index = skinny.linear_argmax(head, x)  # no block: the layer as it is
+    torch.testing.assert_close(logits, head(x))
+    assert index.tolist() == head(x).max(-1).indices.tolist()
+    with torch.inference_mode(), skinny_linears(head):  # a bias: not served by the fused maxima
+        logits, index = skinny.linear_argmax(head, x)
+    assert index.tolist() == logits.max(-1).indices.tolist()
