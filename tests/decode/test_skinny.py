@@ -147,3 +147,17 @@ def test_linear_argmax_outside_the_kernel_is_the_layer_and_its_max():
     with torch.inference_mode(), skinny_linears(head):  # a bias: not served by the fused maxima
         logits, index = skinny.linear_argmax(head, x)
     assert index.tolist() == logits.max(-1).indices.tolist()
+
+
+def test_linear_argmax_runs_the_layers_hooks_and_follows_an_output_they_replace(monkeypatch):
+    monkeypatch.setattr(skinny, "PANELS", True)
+    head = torch.nn.Linear(16, 64, bias=False)
+    x = torch.randn(2, 16)
+    seen = []
+    head.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with torch.inference_mode(), skinny_linears(head):
+        logits, index = skinny.linear_argmax(head, x)
+        assert seen == [(2, 64)] and index.tolist() == logits.max(-1).indices.tolist()
+        head.register_forward_hook(lambda m, args, out: -out)  # a hook that replaces the output
+        logits, index = skinny.linear_argmax(head, x)
+    assert index.tolist() == logits.max(-1).indices.tolist() == F.linear(x, -head.weight).max(-1).indices.tolist()
