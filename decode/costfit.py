@@ -21,6 +21,7 @@ TRUST = float(np.log(1.5))  # how far another run's learned shape may move the m
 LEVEL_STEPS = 5  # recent steps whose median reading is the machine's level (load changes within seconds)
 MAX_COUNT = 1000  # evidence counted per bin, so a long history still yields to a changed machine within WINDOW
 HOST_WINDOW = 64  # recent (nodes, host time) pairs per drafter set
+HOST_REFIT = 4  # steps between fits of the host-time line, once its window has filled a little
 
 
 def _median(values) -> float:
@@ -202,20 +203,28 @@ class CurveLearner:
 class HostLearner:
     """Host time per step (drafting, fusion, bookkeeping: everything but the verification
     step) in units of a 0-node forward, as d(n) = d0 + d1 * n with d0, d1 >= 0: a robust
-    line (median of pairwise slopes) through the last HOST_WINDOW steps."""
+    line (median of pairwise slopes) through the last HOST_WINDOW steps, fitted again after
+    every HOST_REFIT steps once the window holds HOST_REFIT * 4 (each step before): the
+    window moves little in a few steps, and the fit, every step, cost as much as the rest of
+    the cost model."""
 
     def __init__(self):
         self.window: deque[tuple[int, float]] = deque(maxlen=HOST_WINDOW)
         self._line: tuple[float, float] | None = None
+        self._since = 0  # steps observed since the last fit
+        self._table: dict[int, np.ndarray] = {}  # n_max -> d(0..n_max) of the current fit
 
     def observe(self, nodes: int, units: float) -> None:
         if units >= 0 and np.isfinite(units):
             self.window.append((nodes, units))
-            self._line = None
+            self._since += 1
+            if len(self.window) < 4 * HOST_REFIT or self._since >= HOST_REFIT:
+                self._line = None
 
     def line(self) -> tuple[float, float]:
         """(d0, d1); (0, 0) before any observation."""
         if self._line is None:
+            self._since, self._table = 0, {}
             if not self.window:
                 self._line = (0.0, 0.0)
             else:
@@ -227,6 +236,10 @@ class HostLearner:
         return self._line
 
     def overhead(self, n_max: int) -> np.ndarray:
-        """float64 [n_max + 1]: d(n) for n = 0 .. n_max."""
+        """float64 [n_max + 1]: d(n) for n = 0 .. n_max (read-only: shared until the next fit)."""
         d0, d1 = self.line()
-        return d0 + d1 * np.arange(n_max + 1)
+        table = self._table.get(n_max)
+        if table is None:
+            table = self._table[n_max] = d0 + d1 * np.arange(n_max + 1)
+            table.flags.writeable = False
+        return table

@@ -23,6 +23,25 @@ def depths(parents: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
+def first_fault(tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray) -> tuple[int, int]:
+    """(rule, node): the first node breaking a draft tree's rules, checked rule by rule: 1, a
+    parent not before its child (nor -1); 2, a negative token; 3, a score above its parent's
+    (beyond 1e-6). (0, -1) when none does."""
+    n = parents.shape[0]
+    for i in range(n):
+        if parents[i] < -1 or parents[i] >= i:
+            return 1, i
+    for i in range(n):
+        if tokens[i] < 0:
+            return 2, i
+    for i in range(n):
+        p = parents[i]
+        if p >= 0 and scores[i] > scores[p] + 1e-6:
+            return 3, i
+    return 0, -1
+
+
+@numba.njit(cache=True, nogil=True)
 def path_minimum(scores: np.ndarray, parents: np.ndarray) -> None:
     """In place: each score becomes the minimum along its path from the root (a path is no
     likelier than its prefix)."""

@@ -87,21 +87,21 @@ class DraftTree:
                 raise ValueError(
                     f"DraftTree.{name} must be 1-D of length {n} (len(tokens)), got shape {a.shape}"
                 )
+        for name, kinds in (("tokens", "iu"), ("parents", "iu"), ("scores", "f")):
+            if getattr(self, name).dtype.kind not in kinds:
+                raise ValueError(f"DraftTree.{name} must hold {'integers' if kinds == 'iu' else 'floats'}, "
+                                 f"got {getattr(self, name).dtype}")
         if n == 0:
             return
-        idx = np.arange(n)
-        bad = np.flatnonzero((self.parents < -1) | (self.parents >= idx))
-        if bad.size:
-            i = int(bad[0])
+        rule, i = tree_paths.first_fault(self.tokens, self.parents, self.scores)  # one pass: it runs every step
+        if rule == 1:
             raise ValueError(
                 f"DraftTree node {i} has parent {int(self.parents[i])}: a parent must come "
                 "before its child (parents[i] < i, or -1 for the root)"
             )
-        if np.any(self.tokens < 0):
+        if rule == 2:
             raise ValueError("DraftTree.tokens must be non-negative token ids")
-        parent_scores = np.where(self.parents >= 0, self.scores[self.parents], np.inf)
-        if np.any(self.scores > parent_scores + 1e-6):
-            i = int(np.flatnonzero(self.scores > parent_scores + 1e-6)[0])
+        if rule == 3:
             raise ValueError(
                 f"DraftTree node {i} scores {self.scores[i]:.4f}, more than its parent "
                 f"{int(self.parents[i])}: a path can't be likelier than its prefix"

@@ -33,6 +33,16 @@ def test_child_scoring_above_parent_is_rejected():
         DraftTree.build([5, 6], [-1, 0], [0.5, 0.9])
 
 
+def test_negative_tokens_and_arrays_of_the_wrong_kind_are_rejected():
+    with pytest.raises(ValueError, match="non-negative token ids"):
+        DraftTree.build([5, -6], [-1, 0])
+    good = DraftTree.build([5, 6], [-1, 0])
+    for field, bad in (("tokens", np.array(["a", "b"])), ("parents", np.array([-1.0, 0.0])),
+                       ("scores", np.array([1, 1]))):  # a drafter building DraftTree(...) itself
+        with pytest.raises(ValueError, match=f"DraftTree.{field} must hold"):
+            DraftTree(**{**good.__dict__, field: bad}).validate()
+
+
 def test_depths_and_path():
     t = DraftTree.build([1, 2, 3, 4], [-1, 0, -1, 1])
     assert t.depths().tolist() == [1, 2, 1, 3]
