@@ -290,7 +290,8 @@ def rows_times_panels(x: np.ndarray, panels: np.ndarray, out: np.ndarray, best: 
 def first_argmax(out: np.ndarray, best: np.ndarray, n: int, index: np.ndarray) -> None:
     """index[m] = the first n' < n with out[m, n'] the largest of out[m, :n], given best [M, P]
     from ``rows_times_panels``: the first panel holding the row's largest value, then the
-    first feature in it that equals it (features past n, the last panel's padding, excluded)."""
+    first feature in it that equals it (features past n, the last panel's padding, excluded:
+    ``out`` may come with or without them)."""
     panels = best.shape[1]
     last = panels - 1
     for m in range(out.shape[0]):
@@ -310,26 +311,28 @@ def first_argmax(out: np.ndarray, best: np.ndarray, n: int, index: np.ndarray) -
                 break
 
 
-def multiply(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+def multiply(x: np.ndarray, weight: np.ndarray, best: np.ndarray = NO_MAXIMA) -> np.ndarray:
     """x float32 [M, K] times a layer's weight as ``skinny_linears`` holds it: [N, K] as the
-    model does (``rows_times_weights``) or its panels (``rows_times_panels``): [M, N]."""
+    model does (``rows_times_weights``) or its panels (``rows_times_panels``, filling ``best``
+    [M, panels] with each panel's row maxima unless it is empty): [M, N]."""
     if weight.ndim == 2:
         out = np.empty((x.shape[0], weight.shape[0]), np.float32)
         rows_times_weights(x, weight, out)
         return out
     out = np.empty((x.shape[0], weight.shape[0] * PANEL), np.float32)
-    rows_times_panels(x, weight, out, NO_MAXIMA)
+    rows_times_panels(x, weight, out, best)
     return out
 
 
 def skinny_linear(x: torch.Tensor, weight: np.ndarray, bias: torch.Tensor | None,
-                  features: int | None = None) -> torch.Tensor:
+                  features: int | None = None, best: np.ndarray = NO_MAXIMA) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for float32 CPU ``x`` [..., K] with at most MAX_ROWS rows;
-    ``weight`` is w as a numpy array [N, K] or ``panels_of`` it (then ``features`` is N)."""
+    ``weight`` is w as a numpy array [N, K] or ``panels_of`` it (then ``features`` is N, and
+    ``best``, unless empty, gets each panel's row maxima: ``multiply``)."""
     # numpy on both sides of the call: a forward makes 211 of them, and torch's reshape, empty
     # and view cost 10 us a call here against 5 (0.6 ms of a 1-token forward on the Xeon VM)
     xs = (x if x.is_contiguous() else x.contiguous()).numpy()
-    out = multiply(xs.reshape(-1, xs.shape[-1]), weight)
+    out = multiply(xs.reshape(-1, xs.shape[-1]), weight, best)
     if features is not None and features != out.shape[1]:
         out = np.ascontiguousarray(out[:, :features])  # the panels' zero padding off
     y = torch.from_numpy(out.reshape(xs.shape[:-1] + out.shape[1:]))
@@ -484,12 +487,9 @@ def linear_argmax(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
 
 def _panels_argmax(x: torch.Tensor, panels: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``skinny_linear(x, panels, None, n)`` and its rows' first maxima (``first_argmax``)."""
-    xs = (x if x.is_contiguous() else x.contiguous()).numpy().reshape(-1, x.shape[-1])
-    out = np.empty((xs.shape[0], panels.shape[0] * PANEL), np.float32)
-    best = np.empty((xs.shape[0], panels.shape[0]), np.float32)
-    rows_times_panels(xs, panels, out, best)
-    index = np.empty(xs.shape[0], np.int64)
-    first_argmax(out, best, n, index)
-    if n != out.shape[1]:
-        out = np.ascontiguousarray(out[:, :n])
-    return torch.from_numpy(out).view(*x.shape[:-1], n), torch.from_numpy(index).view(x.shape[:-1])
+    rows = x.numel() // x.shape[-1]
+    best = np.empty((rows, panels.shape[0]), np.float32)
+    y = skinny_linear(x, panels, None, n, best)
+    index = np.empty(rows, np.int64)
+    first_argmax(y.numpy().reshape(rows, n), best, n, index)  # reads only the first n features
+    return y, torch.from_numpy(index).view(x.shape[:-1])

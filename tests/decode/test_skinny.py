@@ -63,7 +63,7 @@ def test_context_routes_few_rows_to_the_kernel_and_restores_the_layers(monkeypat
     few, many = torch.randn(1, 3, 32), torch.randn(1, MAX_ROWS + 1, 32)
     calls = []
     real = skinny.multiply
-    monkeypatch.setattr(skinny, "multiply", lambda x, w: calls.append(x.shape) or real(x, w))
+    monkeypatch.setattr(skinny, "multiply", lambda x, w, *best: calls.append(x.shape) or real(x, w, *best))
     with torch.inference_mode(), skinny_linears(model):
         torch.testing.assert_close(layer(few), F.linear(few, layer.weight, layer.bias))
         assert layer(many).shape == (1, MAX_ROWS + 1, 32)
@@ -86,7 +86,7 @@ def test_row_counts_the_settings_send_to_blas_skip_the_kernel(monkeypatch):
     layer = model.model.layers[0].mlp.up_proj
     calls = []
     real = skinny.multiply
-    monkeypatch.setattr(skinny, "multiply", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    monkeypatch.setattr(skinny, "multiply", lambda x, w, *best: calls.append(x.shape[0]) or real(x, w, *best))
     with torch.inference_mode(), skinny_linears(model) as settings:
         settings.kernel_rows = np.arange(MAX_ROWS + 1) % 2 == 1  # odd row counts only
         for rows in (1, 2, 3, 4):
