@@ -32,7 +32,7 @@ from tqdm import tqdm
 from retrodraft.decode.costfit import PRIOR_WEIGHT, TRUST, CurveLearner, HostLearner, isotonic, through_pools
 from retrodraft.decode.model import cache_dir
 from retrodraft.decode.skinny import MAX_ROWS, linear_argmax, serves
-from retrodraft.decode.tree_attention import new_cache, verification_kernels, tree_inputs, truncate_cache
+from retrodraft.decode.tree_attention import new_cache, run_prompt, verification_kernels, tree_inputs, truncate_cache
 from retrodraft.retrieval.config import DEFAULT
 from retrodraft.retrieval.speculator import choose_budget  # noqa: F401  (numpy only, so it lives with the Speculator)
 from retrodraft.retrieval.tree import DraftTree
@@ -124,8 +124,7 @@ def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int
                                                        leave=False) as bar:
         routed = settings.kernel_rows  # an enclosing generate call's, restored below
         routes = [np.full(MAX_ROWS + 1, use) for use in kernel]
-        model.base_model(input_ids=torch.randint(0, vocab, (1, context), generator=gen).to(device),
-                         cache=cache, use_cache=True)
+        run_prompt(model, torch.randint(0, vocab, (1, context), generator=gen).to(device), cache, settings)
         inputs = []
         for n in sizes:
             chain = DraftTree.build(torch.randint(0, vocab, (n,), generator=gen).numpy(), np.arange(n) - 1,

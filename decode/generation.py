@@ -342,7 +342,7 @@ def decode_loop(model, input_ids: torch.Tensor, spec: Speculator, d: Decoding) -
     with verification_kernels(model) as threads:
         if d.costs is not None:  # BLAS or the kernel, whichever the cost curve found faster at each size
             threads.kernel_rows = d.costs.kernel_rows(prompt_len)
-        state = verifier.prefill(input_ids, spec.needs_hidden)
+        state = verifier.prefill(input_ids, spec.needs_hidden, threads)
         if state is not None:
             spec.prime(tokens[:prompt_len], state)
         length, done = prompt_len, False

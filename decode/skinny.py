@@ -16,8 +16,8 @@ VM a 17-row forward of SmolLM2-135M at a 1024-token context went from 47.5 to 36
 1-row one stayed at 28 ms.
 
 Within ``skinny_linears(model)``, every float32 CPU ``nn.Linear`` of the model sends inputs
-of at most ``MAX_ROWS`` rows through the kernel and anything larger (a prompt's prefill) to
-``F.linear``, unless the block's ``KernelSettings`` route that row count to ``F.linear``
+of at most ``MAX_ROWS`` rows through the kernel (a prompt too: ``tree_attention.run_prompt``
+feeds it in forwards of that many rows) and anything larger to ``F.linear``, unless the block's ``KernelSettings`` route that row count to ``F.linear``
 (where the cost curve found BLAS faster on this machine). The sums are the same dot products
 in another order, so results agree with ``F.linear`` to float32 rounding, as BLAS's own
 1-row and n-row kernels agree with each other.
@@ -41,7 +41,7 @@ from numba.extending import intrinsic
 from retrodraft.decode.cores import free_cores
 from retrodraft.decode.simd import WIDE_REGISTERS, fma4, largest, load, load4, maximum, splat, store4
 
-MAX_ROWS = 128  # BLAS above (a prompt's prefill); from ~16 rows to here the two trade places between runs
+MAX_ROWS = 128  # BLAS above (a whole prompt in one forward); from ~16 rows to here the two trade places between runs
 BLOCK = 4  # weight rows per task
 LINE = 16  # float32 values per 64-byte cache line
 AHEAD = 32 * 1024  # bytes of weights between a task's block and the block it prefetches

@@ -24,7 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from retrodraft.decode import cpu_attention
-from retrodraft.decode.skinny import KernelSettings, skinny_linears
+from retrodraft.decode.skinny import MAX_ROWS, KernelSettings, skinny_linears
 from retrodraft.retrieval.tree import DraftTree
 
 PACKED_SDPA = "retrodraft_packed_sdpa"
@@ -138,6 +138,35 @@ def verification_kernels(model) -> Iterator[KernelSettings]:
     outermost one. Use one model object per thread."""
     with packed_attention(model), skinny_linears(model) as threads:
         yield threads
+
+
+def prompt_rows(model, settings: KernelSettings | None) -> int | None:
+    """Rows per forward in which ``run_prompt`` feeds a prompt to ``model``: the most that
+    ``decode.skinny``'s kernel and ``cpu_attention`` both take (MAX_ROWS rows; their query
+    heads packed, at most MAX_QUERY_ROWS), where ``settings`` (from ``verification_kernels``)
+    route that many rows through the kernel; None (the whole prompt in one forward, BLAS and
+    SDPA) elsewhere: on a GPU, in another dtype, or where BLAS measured faster."""
+    rows = min(MAX_ROWS, cpu_attention.MAX_QUERY_ROWS // mask_groups(model))
+    if settings is None or not settings.active or not settings.kernel_rows[rows]:
+        return None
+    return rows
+
+
+def run_prompt(model, input_ids: torch.Tensor, cache, settings: KernelSettings | None = None) -> torch.Tensor:
+    """Run ``input_ids`` [1, L] into ``cache`` after the entries it holds, in forwards of
+    ``prompt_rows`` rows where that is not None (else one): the last row's last hidden
+    state, [1, d].
+
+    The same causal attention either way (each forward attends over the cache and its own
+    rows), so outputs agree to float32 rounding, as a tree forward's agree with BLAS's. On a
+    2-core Zen 5 VM a 767-token prompt took 0.99 s in forwards of 128 rows against 1.66 s
+    in one (BLAS there runs AVX2 code, about half the kernel's rate): the prefill is most of
+    a long prompt's answer time, for every method alike."""
+    rows = prompt_rows(model, settings) or input_ids.shape[1]
+    for start in range(0, input_ids.shape[1], rows):
+        hidden = model.base_model(input_ids=input_ids[:, start:start + rows], cache=cache,
+                                  use_cache=True).last_hidden_state
+    return hidden[0, -1:]
 
 
 class Writes:

@@ -39,10 +39,10 @@ import torch
 
 from retrodraft.decode.acceptance import accept_greedy_on_device, accept_sampling, first_of_siblings, path_first
 from retrodraft.decode.budget import SIZES
-from retrodraft.decode.skinny import linear_argmax
+from retrodraft.decode.skinny import KernelSettings, linear_argmax
 from retrodraft.retrieval.config import DEFAULT
 from retrodraft.decode.tree_attention import (ancestor_matrix, attention_shape, compact_cache, mask_groups, new_cache,
-                                              truncate_cache, verification_kernels)
+                                              run_prompt, truncate_cache, verification_kernels)
 from retrodraft.index.recycling import top_k_rows
 from retrodraft.retrieval.tree import DraftTree
 
@@ -140,15 +140,18 @@ class TreeVerifier:
             return n + 1
         return next(b for b in self.buckets if b >= n) + 1
 
-    def prefill(self, input_ids: torch.Tensor, want_hidden: bool = False) -> np.ndarray | None:
-        """Run the prompt but its last token (the first step's root) into the cache. With
-        ``want_hidden``, the last hidden state of the last row run, float32 [1, d]: the state
-        that predicted the prompt's last token (None for a one-token prompt)."""
+    def prefill(self, input_ids: torch.Tensor, want_hidden: bool = False,
+                settings: KernelSettings | None = None) -> np.ndarray | None:
+        """Run the prompt but its last token (the first step's root) into the cache, in
+        forwards of ``prompt_rows(model, settings)`` rows (``run_prompt``; ``settings``: the
+        enclosing ``verification_kernels``', None for one forward). With ``want_hidden``, the
+        last hidden state of the last row run, float32 [1, d]: the state that predicted the
+        prompt's last token (None for a one-token prompt)."""
         self.cache.writes.slots = None
         if input_ids.shape[1] <= 1:
             return None
-        out = self.model.base_model(input_ids=input_ids[:, :-1].to(self.device), cache=self.cache, use_cache=True)
-        return out.last_hidden_state[0, -1:].float().cpu().numpy() if want_hidden else None
+        hidden = run_prompt(self.model, input_ids[:, :-1].to(self.device), self.cache, settings)
+        return hidden.float().cpu().numpy() if want_hidden else None
 
     def verify(self, tree: DraftTree, root: int, past: int, sampling: dict | None, want_topk: bool,
                want_hidden: bool = False, accept: Callable | None = None

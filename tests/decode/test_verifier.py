@@ -1,6 +1,8 @@
 """The device-agnostic verifier on a CPU: static shapes with padded trees, acceptance on the
 device, the mask's layout, step timing. The CUDA runs of the same code are tests/test_gpu.py."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from conftest import tiny_model
 from test_generate_tiny import REPETITIVE, FixedDrafter, vanilla
 from retrodraft.decode import generate
 from retrodraft.decode.acceptance import accept_greedy, accept_greedy_on_device, first_of_siblings
-from retrodraft.decode.tree_attention import ancestor_matrix, tree_inputs, verification_kernels
+from retrodraft.decode.tree_attention import (ancestor_matrix, new_cache, prompt_rows, run_prompt, tree_inputs,
+                                              verification_kernels)
 from retrodraft.decode.verifier import ALIGN, TreeVerifier
 from retrodraft.retrieval.tree import DraftTree
 
@@ -183,3 +186,52 @@ def test_a_top_k_larger_than_the_vocabulary_is_torchs_clear_error():
     assert top_k(logits, 5).tolist() == logits.topk(5).indices.tolist()
     with pytest.raises(RuntimeError, match="out of range"):
         top_k(logits, 8)  # never read past a row's end
+
+
+@contextlib.contextmanager
+def forward_rows(model):
+    """Within the block, the rows of every base-model forward of ``model``, in a list."""
+    rows: list[int] = []
+    hook = model.base_model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[1]),
+                                                      with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
+def test_a_long_prompt_goes_in_by_chunks_and_the_output_is_model_generates(arch):
+    """A prompt longer than ``prompt_rows`` is prefilled in forwards of that many rows (the
+    rows decode.skinny's kernel takes), the last one shorter, and the greedy output is
+    still model.generate's. (A fixed budget: with the automatic one, the cost curve of a
+    model this small may find BLAS faster than the kernel, and then the prompt goes in whole.)"""
+    model = tiny_model(arch)
+    ids = torch.randint(0, 64, (1, 200), generator=torch.Generator().manual_seed(1))
+    with verification_kernels(model) as settings:
+        rows = prompt_rows(model, settings)
+    assert rows == 128  # min(MAX_ROWS, MAX_QUERY_ROWS // query heads per key/value head)
+    with forward_rows(model) as seen:
+        out = generate(model, ids, max_new_tokens=20, budget=6, eos_token_id=[])
+    assert seen[:2] == [128, 199 - 128]  # the prompt but its last token (the first step's root)
+    assert torch.equal(out.sequences, vanilla(model, ids, 20))
+
+
+def test_run_prompt_in_chunks_fills_the_cache_as_one_forward_does():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 64, (1, 150), generator=torch.Generator().manual_seed(2))
+    caches, last = [], []
+    with torch.inference_mode(), verification_kernels(model) as settings:
+        for use in (settings, None):  # None: no kernels to route, one forward
+            cache = new_cache(model, 160)
+            with forward_rows(model) as seen:
+                last.append(run_prompt(model, ids, cache, use))
+            assert seen == ([128, 22] if use is not None else [150])
+            caches.append(cache)
+        settings.kernel_rows[128] = False  # BLAS measured faster at that many rows: one forward
+        assert prompt_rows(model, settings) is None
+    torch.testing.assert_close(last[0], last[1], rtol=1e-5, atol=1e-5)
+    assert last[0].shape == (1, model.config.hidden_size)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
