@@ -15,6 +15,9 @@ interleaved, after a warm-up round, as the cost curve is measured):
   forward   one verification forward of the model (1 + n tokens, LM head included, as the
             cost curve measures it) over a cache of --context tokens, with the linear layers
             on BLAS and on the kernel (interleaved)
+  prefill   the prompt of --context tokens run into a fresh cache in one forward (BLAS and
+            SDPA) and as ``generate`` runs it (``tree_attention.run_prompt``: forwards of
+            ``prompt_rows`` rows through the kernels), interleaved
 and last the cost curve c(n) the budget uses at --context (from the disk cache, checked, else
 measured; with what earlier runs' steps taught it) and the path ``generate`` takes at each n:
 the faster of the two where the cost curve was measured.
@@ -39,7 +42,7 @@ from retrodraft.decode import load_model
 from retrodraft.decode.budget import CostModel, forward_seconds
 from retrodraft.decode import cpu_attention
 from retrodraft.decode.skinny import PANELS, multiply, panels_of
-from retrodraft.decode.tree_attention import attention_shape
+from retrodraft.decode.tree_attention import attention_shape, new_cache, prompt_rows, run_prompt, verification_kernels
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 TREE_SIZES = (0, 1, 2, 4, 8, 16, 32, 64)
@@ -96,11 +99,32 @@ def main(argv: list[str] | None = None) -> None:
     print("| n | " + " | ".join(map(str, TREE_SIZES)) + " |\n|---|" + "---|" * len(TREE_SIZES))
     print(row("BLAS linear layers", [s * 1000 for s in with_blas]))
     print(row("`decode.skinny` kernel", [s * 1000 for s in with_kernel]))
+    prefill(model, args.context, args.reps)
+
     costs = CostModel.of(model)
     curve, rows = costs.table(args.context), costs.kernel_rows(args.context)
     print(f"\ncost curve the budget uses at {args.context}: "
           + ", ".join(f"c({n}) = {curve[n]:.2f}" for n in TREE_SIZES[1:]))
     print("path generate takes: " + ", ".join(f"n = {n}: {'kernel' if rows[n + 1] else 'BLAS'}" for n in TREE_SIZES))
+
+@torch.inference_mode()
+def prefill(model, context: int, reps: int) -> None:
+    """The prefill line (see the module's docstring)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(2))
+    times: dict[bool, list[float]] = {False: [], True: []}
+    with verification_kernels(model) as settings:
+        rows = prompt_rows(model, settings)
+        for r in range(reps + 1):  # a warm-up round
+            for chunked in (False, True):
+                cache = new_cache(model, context)
+                t = time.perf_counter()
+                run_prompt(model, ids.to(model.device), cache, settings if chunked else None)
+                if r:
+                    times[chunked].append(time.perf_counter() - t)
+    whole, parts = (1000 * float(np.median(times[c])) for c in (False, True))
+    print(f"\nprefill of {context} tokens, ms: one forward {whole:.0f}, "
+          + (f"forwards of {rows} rows (as generate) {parts:.0f}" if rows else "generate runs one forward here"))
+
 
 def attention(model, context: int, reps: int) -> None:
     """The attention table (see the module's docstring), or a line saying why there is none."""
