@@ -130,3 +130,28 @@ def test_a_forwards_mask_is_tiled_and_transposed_once_and_again_when_changed_in_
     assert tree_attention._tiled(mask, 2)[0, 0, 5, 0] == LOWEST  # the second group's copy of row 0
     assert tree_attention._transposed(mask)[0, 0] == LOWEST
     assert tree_attention._tiled(mask.clone(), 2) is not tree_attention._tiled(mask, 2)
+
+
+def test_a_boolean_mask_is_made_additive_once_and_attends_through_the_kernel(monkeypatch):
+    """transformers gives a prompt's chunks after the first (``run_prompt``) a boolean causal
+    mask, True where a row attends: ``packed_sdpa`` makes it additive once per forward, so
+    the kernel serves it, and the result is SDPA's over the boolean mask."""
+    from types import SimpleNamespace
+
+    from retrodraft.decode import tree_attention
+
+    gen = torch.Generator().manual_seed(6)
+    past, rows = 9, 6
+    q = torch.randn(1, 4, rows, 64, generator=gen)
+    k, v = (torch.randn(1, 2, past + rows, 64, generator=gen) for _ in range(2))
+    mask = torch.ones(rows, past + rows, dtype=torch.bool).tril(past)[None, None]  # causal after the cache
+    calls = []
+    real = cpu_attention.attend
+    monkeypatch.setattr(cpu_attention, "attend", lambda *a, **kw: calls.append(a[3].dtype) or real(*a, **kw))
+    got, _ = tree_attention.packed_sdpa(SimpleNamespace(num_key_value_groups=2), q, k, v, mask)
+    assert calls == [torch.float32]
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+    torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    additive = tree_attention._additive(mask, torch.float32)
+    assert tree_attention._additive(mask, torch.float32) is additive  # once per forward: every layer gets this mask
+    assert additive[0, 0, 0, past + 1] == LOWEST and not additive[0, 0, -1].any()
