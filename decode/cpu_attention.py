@@ -36,7 +36,8 @@ from numba.extending import intrinsic
 from retrodraft.decode.simd import (LANES, WIDE_REGISTERS, add, exp_nonpositive, fma, fma4, lanes_sum, largest, load,
                                     load4, maximum, mul, splat, store, store4, sub)
 
-MAX_QUERY_ROWS = 512  # above (a whole prompt in one forward), SDPA: its blocks suit long queries, and the scores would be large
+# above (a whole prompt in one forward), SDPA: its blocks suit long queries, and the scores would be large
+MAX_QUERY_ROWS = 512
 ROWS = 3  # query rows per few-rows task: their value accumulators (3 x 64 floats) take 12 of AVX-512's 32 registers
 FEW = 8  # query rows per head up to which the few-rows kernel runs (Zen 5 VM: the two tie at 9, row blocks lead at 15)
 ROW_BLOCKS = WIDE_REGISTERS  # the row-block kernel's 8-key score tile spills AVX2's registers: measured on AVX-512 only

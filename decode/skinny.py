@@ -17,10 +17,11 @@ VM a 17-row forward of SmolLM2-135M at a 1024-token context went from 47.5 to 36
 
 Within ``skinny_linears(model)``, every float32 CPU ``nn.Linear`` of the model sends inputs
 of at most ``MAX_ROWS`` rows through the kernel (a prompt too: ``tree_attention.run_prompt``
-feeds it in forwards of that many rows) and anything larger to ``F.linear``, unless the block's ``KernelSettings`` route that row count to ``F.linear``
-(where the cost curve found BLAS faster on this machine). The sums are the same dot products
-in another order, so results agree with ``F.linear`` to float32 rounding, as BLAS's own
-1-row and n-row kernels agree with each other.
+feeds it in forwards of that many rows) and anything larger to ``F.linear``, unless the
+block's ``KernelSettings`` route that row count to ``F.linear`` (where the cost curve found
+BLAS faster on this machine). The sums are the same dot products in another order, so
+results agree with ``F.linear`` to float32 rounding, as BLAS's own 1-row and n-row kernels
+agree with each other.
 """
 
 from __future__ import annotations

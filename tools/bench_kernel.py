@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
           + ", ".join(f"c({n}) = {curve[n]:.2f}" for n in TREE_SIZES[1:]))
     print("path generate takes: " + ", ".join(f"n = {n}: {'kernel' if rows[n + 1] else 'BLAS'}" for n in TREE_SIZES))
 
+
 @torch.inference_mode()
 def prefill(model, context: int, reps: int) -> None:
     """The prefill line (see the module's docstring)."""
