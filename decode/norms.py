@@ -5,7 +5,7 @@ Llama-style decoders normalise every layer's input twice and the last hidden sta
 power, mean, add, reciprocal square root, two products), each a few microseconds of dispatch
 and a wake-up of torch's thread pool between ``decode.skinny``'s kernel calls. One pass per
 row does the same arithmetic: on a 2-core Zen 5 VM a tree forward at a 1024-token context
-took 4-10% less time with it (README, issue 10).
+took 2-8% less time with it (README, issue 10).
 
 A module is served only where its own output on a probe input matches this pass (checked
 once per module and weight), so a norm with other arithmetic, such as Gemma's ``1 + weight``,
