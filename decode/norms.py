@@ -23,7 +23,7 @@ import numba
 import numpy as np
 import torch
 
-from retrodraft.decode.skinny import MAX_ROWS, KernelSettings
+from retrodraft.decode.skinny import MAX_ROWS, KernelSettings, weight_stamp
 
 # fast math without "no infinities, no NaNs": an overflowing input stays inf, as in torch
 FAST = {"contract", "reassoc", "nsz", "arcp"}
@@ -71,7 +71,7 @@ def serves(module: torch.nn.Module) -> bool:
     if (not isinstance(weight, torch.Tensor) or weight.ndim != 1 or weight.dtype != torch.float32
             or weight.device.type != "cpu" or eps is None or "RMSNorm" not in type(module).__name__):
         return False
-    stamp = (weight.data_ptr(), weight.shape[0], None if weight.is_inference() else weight._version)
+    stamp = weight_stamp(weight)
     held = _verdicts.get(module)
     if held is None or held[0] != stamp:
         probe = torch.randn(PROBE_ROWS, weight.shape[0], generator=torch.Generator().manual_seed(0))
@@ -90,7 +90,7 @@ def rms_norms(model: torch.nn.Module, settings: KernelSettings) -> Iterator[None
     norms (``serves``) compute inputs of at most MAX_ROWS rows without grad with
     ``normalise``; other inputs take the module's own forward. Modules already patched (an
     enclosing block) are left to that block."""
-    patched = [m for m in model.modules() if "forward" not in vars(m) and settings.active and serves(m)]
+    patched = [m for m in model.modules() if "forward" not in vars(m) and serves(m)] if settings.active else []
     for module in patched:
         weight, eps = module.weight.detach().numpy(), np.float32(_epsilon(module))
         own = module.forward

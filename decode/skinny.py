@@ -409,6 +409,12 @@ class KernelSettings:
 _panels: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # nn.Linear -> (its weight's stamp, panels)
 
 
+def weight_stamp(weight: torch.Tensor) -> tuple:
+    """What changes when a weight does: its storage, its shape, or (outside inference mode)
+    its version counter, which a load or an optimizer step moves."""
+    return weight.data_ptr(), tuple(weight.shape), None if weight.is_inference() else weight._version
+
+
 def held_weight(module: torch.nn.Linear) -> np.ndarray:
     """A float32 CPU linear layer's weight as the kernel takes it: where PANELS, its
     ``panels_of`` (a copy, made once per layer and kept while the layer lives; made again
@@ -417,7 +423,7 @@ def held_weight(module: torch.nn.Linear) -> np.ndarray:
     w = module.weight.detach()
     if not PANELS:
         return w.numpy()
-    stamp = (w.data_ptr(), tuple(w.shape), None if w.is_inference() else module.weight._version)
+    stamp = weight_stamp(module.weight)
     held = _panels.get(module)
     if held is None or held[0] != stamp:
         held = _panels[module] = (stamp, panels_of(w.numpy()))
