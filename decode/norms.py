@@ -44,7 +44,8 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32, out: np.ndarray
             out[i, j] = weight[j] * (x[i, j] * scale)
 
 
-def _epsilon(module: torch.nn.Module) -> float | None:
+def epsilon(module: torch.nn.Module) -> float | None:
+    """A norm module's epsilon (``variance_epsilon``, as Llama's, or ``eps``), None if it has none."""
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
 
@@ -67,7 +68,7 @@ def serves(module: torch.nn.Module) -> bool:
     input agrees with it. Decided once per module and weight (made again after a load or an
     optimizer step)."""
     weight = getattr(module, "weight", None)
-    eps = _epsilon(module)
+    eps = epsilon(module)
     if (not isinstance(weight, torch.Tensor) or weight.ndim != 1 or weight.dtype != torch.float32
             or weight.device.type != "cpu" or eps is None or "RMSNorm" not in type(module).__name__):
         return False
@@ -92,7 +93,7 @@ def rms_norms(model: torch.nn.Module, settings: KernelSettings) -> Iterator[None
     enclosing block) are left to that block."""
     patched = [m for m in model.modules() if "forward" not in vars(m) and serves(m)] if settings.active else []
     for module in patched:
-        weight, eps = module.weight.detach().numpy(), np.float32(_epsilon(module))
+        weight, eps = module.weight.detach().numpy(), np.float32(epsilon(module))
         own = module.forward
 
         def forward(x: torch.Tensor, own=own, weight=weight, eps=eps) -> torch.Tensor:

@@ -15,6 +15,8 @@ interleaved, after a warm-up round, as the cost curve is measured):
   forward   one verification forward of the model (1 + n tokens, LM head included, as the
             cost curve measures it) over a cache of --context tokens, with the linear layers
             on BLAS and on the kernel (interleaved)
+  norms     the model's RMS norms (one call of each, as in a forward) over 1 + n rows, their
+            own forward and decode.norms' pass (the one generate runs where it serves them)
   prefill   the prompt of --context tokens run into a fresh cache in one forward (BLAS and
             SDPA) and as ``generate`` runs it (``tree_attention.run_prompt``: forwards of
             ``prompt_rows`` rows through the kernels), interleaved
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from retrodraft.decode import load_model
 from retrodraft.decode.budget import CostModel, forward_seconds
 from retrodraft.decode import cpu_attention
+from retrodraft.decode import norms as norm_pass
 from retrodraft.decode.skinny import PANELS, multiply, panels_of
 from retrodraft.decode.tree_attention import attention_shape, new_cache, prompt_rows, run_prompt, verification_kernels
 
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| n | " + " | ".join(map(str, TREE_SIZES)) + " |\n|---|" + "---|" * len(TREE_SIZES))
     print(row("BLAS linear layers", [s * 1000 for s in with_blas]))
     print(row("`decode.skinny` kernel", [s * 1000 for s in with_kernel]))
+    norms(model, args.reps)
     prefill(model, args.context, args.reps)
 
     costs = CostModel.of(model)
@@ -106,6 +110,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ncost curve the budget uses at {args.context}: "
           + ", ".join(f"c({n}) = {curve[n]:.2f}" for n in TREE_SIZES[1:]))
     print("path generate takes: " + ", ".join(f"n = {n}: {'kernel' if rows[n + 1] else 'BLAS'}" for n in TREE_SIZES))
+
+
+@torch.inference_mode()
+def norms(model, reps: int) -> None:
+    """The norms table (see the module's docstring), or a line saying why there is none."""
+    served = [m for m in model.modules() if norm_pass.serves(m)]
+    if not served:
+        print("\nRMS norms: decode.norms serves none of this model's norms (other arithmetic, dtype or device)")
+        return
+    d = served[0].weight.shape[0]
+    held = [(m.weight.detach().numpy(), np.float32(norm_pass.epsilon(m))) for m in served]
+    gen = torch.Generator().manual_seed(3)
+    own, ours = [], []
+    for n in TREE_SIZES:
+        x = torch.randn(1, n + 1, d, generator=gen)
+        own.append(median_ms(lambda: [m(x) for m in served], reps))
+        ours.append(median_ms(lambda: [norm_pass.normalise(x, w, eps) for w, eps in held], reps))
+    print(f"\nRMS norms of one forward ({len(served)} calls) over 1 + n rows, ms\n")
+    print("| n | " + " | ".join(map(str, TREE_SIZES)) + " |\n|---|" + "---|" * len(TREE_SIZES))
+    print(row("the modules' own forward", own, 2))
+    print(row("`decode.norms` pass", ours, 2))
 
 
 @torch.inference_mode()
