@@ -27,6 +27,7 @@ from retrodraft.retrieval.tree import DraftTree, exclusive, fuse, prune
 # c(n) for n = 0.. (float [N]), or a function of the context length giving one.
 CostTable = Union[np.ndarray, Callable[[int], np.ndarray]]
 SOURCE_BITS = 8  # DraftTree.sources is uint8: one bit per drafter
+TIE = 1e-9  # relative difference of two step costs that ``choose_budget`` counts as equal
 
 
 def choose_budget(scores: np.ndarray, curve: np.ndarray, overhead: float | np.ndarray = 0.0) -> int:
@@ -49,7 +50,9 @@ def choose_budget(scores: np.ndarray, curve: np.ndarray, overhead: float | np.nd
     cheapest_from = np.minimum.accumulate(cost[::-1])[::-1]  # min cost(m), m >= n
     n = int(np.argmax(gain / cheapest_from))
     tail = cost[n:]
-    return n + int(np.flatnonzero(tail == tail.min())[-1]) if n else 0
+    # costs that differ in their last bits are a tie (curves are interpolated), so padding
+    # does not hang on rounding: a curve cheaper everywhere must not pad less
+    return n + int(np.flatnonzero(tail <= tail.min() * (1 + TIE))[-1]) if n else 0
 
 
 @dataclass
