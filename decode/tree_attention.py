@@ -24,11 +24,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from retrodraft.decode import cpu_attention
+from retrodraft.decode.decoder_layers import PACKED_SDPA, decoder_layers
 from retrodraft.decode.norms import rms_norms
 from retrodraft.decode.skinny import MAX_ROWS, KernelSettings, skinny_linears
 from retrodraft.retrieval.tree import DraftTree
-
-PACKED_SDPA = "retrodraft_packed_sdpa"
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -144,14 +143,16 @@ def verification_kernels(model) -> Iterator[KernelSettings]:
     """Within the block, the model attends with ``packed_sdpa`` and, in float32 on a CPU,
     multiplies a few rows by its weights with ``decode.skinny``'s kernel, for the row counts
     and on the threads of the yielded ``KernelSettings`` (call its ``update()`` once per step),
-    and normalises them with ``decode.norms``' pass.
+    and normalises them with ``decode.norms``' pass; its Llama-style decoder layers run as
+    ``decode.decoder_layers``' plain calls on those kernels.
 
-    All are patches of the model object (its config's attention implementation, its linear
-    and norm layers' ``forward``), undone when the block exits, also on an exception. Not
+    All are patches of the model object (its config's attention implementation, its linear,
+    norm and decoder layers' ``forward``), undone when the block exits, also on an exception. Not
     thread-safe: while a ``generate`` call runs, another thread using the same model object
     runs through the patched layers too, and an inner block leaves the restoring to the
     outermost one. Use one model object per thread."""
-    with packed_attention(model), skinny_linears(model) as threads, rms_norms(model, threads):
+    with (packed_attention(model), skinny_linears(model) as threads, rms_norms(model, threads),
+          decoder_layers(model, threads)):
         yield threads
 
 
