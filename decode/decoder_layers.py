@@ -28,8 +28,10 @@ from typing import Iterator
 import numba
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.modules import module as torch_module
 from transformers import DynamicCache
+from transformers.activations import SiLUActivation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from retrodraft.decode import norms
@@ -87,6 +89,8 @@ class LayerPass:
     def __init__(self, layer: torch.nn.Module, settings: KernelSettings):
         attn, mlp = layer.self_attn, layer.mlp
         self.layer, self.attn, self.act = layer, attn, mlp.act_fn
+        # SiLU in place on the gate, times the up projection in numpy: no module call, no new tensor
+        self.silu = type(mlp.act_fn) in (torch.nn.SiLU, SiLUActivation) and "forward" not in vars(mlp.act_fn)
         self.settings = settings
         self.config = attn.config
         self.d = attn.head_dim
@@ -132,7 +136,7 @@ class LayerPass:
         rows = hidden_states.shape[1]
         x = hidden_states[0].contiguous().numpy()
         h = self._norm(0, x)
-        cos, sin = (np.ascontiguousarray(t.reshape(rows, self.d).numpy()) for t in position_embeddings)
+        cos, sin = _angles(position_embeddings, rows, self.d)
         q, k, v = (self._linear(i, h) for i in range(3))
         query = np.empty((q.shape[1] // self.d, rows, self.d), np.float32)
         key = np.empty((k.shape[1] // self.d, rows, self.d), np.float32)
@@ -145,9 +149,26 @@ class LayerPass:
                                                     attention_mask, dropout=0.0, scaling=self.attn.scaling, **kwargs)
         x = x + self._linear(3, out.reshape(rows, -1).contiguous().numpy())
         h = self._norm(1, x)
-        gated = self.act(torch.from_numpy(self._linear(4, h))) * torch.from_numpy(self._linear(5, h))
-        x += self._linear(6, gated.numpy())
+        gate, up = self._linear(4, h), self._linear(5, h)
+        if self.silu:
+            F.silu(torch.from_numpy(gate), inplace=True)
+            gated = np.multiply(gate, up, out=gate)
+        else:
+            gated = (self.act(torch.from_numpy(gate)) * torch.from_numpy(up)).numpy()
+        x += self._linear(6, gated)
         return torch.from_numpy(x)[None]
+
+
+_last_angles: list = [None, None]  # [the (cos, sin) tuple of a forward, its arrays]
+
+
+def _angles(position_embeddings: tuple, rows: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin as float32 arrays [rows, d], made once per forward: a model hands every
+    layer the same tuple (held here, so its identity cannot pass to another)."""
+    if _last_angles[0] is not position_embeddings:
+        _last_angles[:] = [position_embeddings, tuple(np.ascontiguousarray(t.reshape(rows, d).numpy())
+                                                      for t in position_embeddings)]
+    return _last_angles[1]
 
 
 _verdicts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> (its weights' stamps, served?)

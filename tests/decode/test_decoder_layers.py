@@ -43,9 +43,15 @@ def tree_forward(model, prompt: torch.Tensor, tree: DraftTree) -> torch.Tensor:
                             use_cache=True).last_hidden_state[0]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_pass_equals_the_layers_in_a_tree_forward(arch):
+@pytest.mark.parametrize("arch,act", [("llama", None), ("qwen2", None), ("mistral", None),
+                                      ("llama", "gelu_pytorch_tanh")])  # not SiLU: the module's own activation
+def test_pass_equals_the_layers_in_a_tree_forward(arch, act):
     model = tiny_model(arch)
+    if act is not None:
+        from transformers.activations import ACT2FN
+
+        for layer in model.model.layers:
+            layer.mlp.act_fn = ACT2FN[act]
     with torch.no_grad():  # biases and norm weights away from their defaults, so each one counts
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
