@@ -159,16 +159,18 @@ class LayerPass:
         return torch.from_numpy(x)[None]
 
 
-_last_angles: list = [None, None]  # [the (cos, sin) tuple of a forward, its arrays]
+_last_angles: list = [None]  # [(the (cos, sin) tuple of a forward, its arrays)], replaced whole
 
 
 def _angles(position_embeddings: tuple, rows: int, d: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin as float32 arrays [rows, d], made once per forward: a model hands every
-    layer the same tuple (held here, so its identity cannot pass to another)."""
-    if _last_angles[0] is not position_embeddings:
-        _last_angles[:] = [position_embeddings, tuple(np.ascontiguousarray(t.reshape(rows, d).numpy())
-                                                      for t in position_embeddings)]
-    return _last_angles[1]
+    layer the same tuple (held here, so its identity cannot pass to another; replaced whole,
+    so a thread running another model cannot swap its arrays in between)."""
+    held = _last_angles[0]
+    if held is None or held[0] is not position_embeddings:
+        held = _last_angles[0] = (position_embeddings, tuple(np.ascontiguousarray(t.reshape(rows, d).numpy())
+                                                             for t in position_embeddings))
+    return held[1]
 
 
 _verdicts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> (its weights' stamps, served?)

@@ -86,17 +86,20 @@ def _once_per_forward(memo: list, mask: torch.Tensor, key, make):
     """``make()``, derived from ``mask``, computed once per forward rather than once per layer:
     every layer of a forward gets the same mask object, so the same object with the same
     ``key`` and version counter gets the last answer again (inference tensors keep no
-    version: the same object is trusted). ``memo`` [mask, (key, version), answer] holds the
-    mask, which keeps its memory from serving another mask meanwhile."""
+    version: the same object is trusted). ``memo[0]`` is the tuple (mask, (key, version),
+    answer), replaced whole, so a thread running another model's forward meanwhile can make
+    this one recompute but never hand it the other's answer; it holds the mask, which keeps
+    its memory from serving another mask meanwhile."""
     stamp = (key, None if mask.is_inference() else mask._version)
-    if memo[0] is not mask or memo[1] != stamp:
-        memo[:] = [mask, stamp, make()]
-    return memo[2]
+    held = memo[0]
+    if held is None or held[0] is not mask or held[1] != stamp:
+        held = memo[0] = (mask, stamp, make())
+    return held[2]
 
 
-_last_additive: list = [None, None, None]
-_last_tiled: list = [None, None, None]
-_last_transposed: list = [None, None, None]
+_last_additive: list = [None]
+_last_tiled: list = [None]
+_last_transposed: list = [None]
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

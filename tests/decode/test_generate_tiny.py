@@ -186,3 +186,38 @@ def test_token_references_are_copied_from():
     out = generate(model, REPETITIVE, max_new_tokens=24, references=[ref], eos_token_id=[])
     assert torch.equal(out.sequences[0, REPETITIVE.shape[1]:], answer)
     assert out.stats.mean_accepted > 3
+
+
+def test_two_models_in_two_threads_each_get_their_own_output():
+    """One model object per thread is supported: what a forward computes once for all its
+    layers (the tiled mask, the rotary angles) must never reach another thread's forward,
+    however often the interpreter switches between them. (CPython's lock leaves no switch
+    point where the memos could cross today; this guards the supported use as they change.)"""
+    import sys
+    import threading
+
+    models = [tiny_model("llama", seed=s) for s in (1, 2)]
+    prompts = [REPETITIVE, REPETITIVE[:, 3:].flip(-1)]  # other tokens at other positions
+    expected = [vanilla(m, p, 40) for m, p in zip(models, prompts)]
+    got, errors = [[], []], []
+
+    def run(i):
+        try:
+            for _ in range(4):
+                got[i].append(generate(models[i], prompts[i], max_new_tokens=40, budget=8, eos_token_id=[]).sequences)
+        except Exception as e:  # surfaced below: a thread's exception would not fail the test
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
+    for i in range(2):
+        assert len(got[i]) == 4 and all(torch.equal(g, expected[i]) for g in got[i])
