@@ -106,12 +106,15 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int = ROUNDS,
-                kernel: tuple[bool, ...] = (True,), desc: str | None = None) -> np.ndarray:
+                kernel: tuple[bool, ...] = (True,), desc: str | None = None,
+                layers: tuple[bool, ...] | None = None) -> np.ndarray:
     """float64 [rounds, len(kernel), len(sizes)]: seconds of a verification forward of 1 + n
     tokens (a chain of n drafts, with its tree mask and cache as ``generate`` runs them, LM
     head included) over a cache of ``context`` random tokens, within
     ``verification_kernels(model)``, for each path in ``kernel``: True, the linear layers run
-    ``decode.skinny``'s kernel where it serves them; False, BLAS. Sizes and paths are
+    ``decode.skinny``'s kernel where it serves them; False, BLAS; and, per path in
+    ``layers`` (default all True), whether the decoder layers run ``decode.decoder_layers``'
+    pass where it serves them (on the kernel's paths; off, their own forward). Sizes and paths are
     interleaved round-robin, so a burst of load hits one round of every size rather than all
     of one size; one warm-up round is dropped. ``desc``: label of a progress bar (None: no bar)."""
     device = model.device
@@ -122,8 +125,9 @@ def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int
     out = np.empty((rounds + 1, len(kernel), len(sizes)))
     with verification_kernels(model) as settings, tqdm(total=out.size, desc=desc, disable=desc is None,
                                                        leave=False) as bar:
-        routed = settings.kernel_rows  # an enclosing generate call's, restored below
+        routed, passing = settings.kernel_rows, settings.layers  # an enclosing generate call's, restored below
         routes = [np.full(MAX_ROWS + 1, use) for use in kernel]
+        layers = (True,) * len(kernel) if layers is None else layers
         run_prompt(model, torch.randint(0, vocab, (1, context), generator=gen).to(device), cache, settings)
         inputs = []
         for n in sizes:
@@ -134,7 +138,7 @@ def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int
             for r in range(rounds + 1):
                 for i, (ids, positions, mask) in enumerate(inputs):
                     for p, route in enumerate(routes):
-                        settings.kernel_rows = route
+                        settings.kernel_rows, settings.layers = route, layers[p]
                         _sync(device)
                         t = time.perf_counter()
                         h = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
@@ -145,15 +149,15 @@ def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int
                         truncate_cache(cache, context)
                         bar.update()
         finally:
-            settings.kernel_rows = routed
+            settings.kernel_rows, settings.layers = routed, passing
     return out[1:]
 
 
 def forward_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: int = ROUNDS,
-                    kernel: tuple[bool, ...] = (True,)) -> list[list[float]]:
-    """Seconds of a verification forward for each path in ``kernel`` and n in ``sizes`` (see
-    ``time_rounds``): the median of ``reps`` interleaved rounds."""
-    return np.median(time_rounds(model, context, sizes, reps, kernel), axis=0).tolist()
+                    kernel: tuple[bool, ...] = (True,), layers: tuple[bool, ...] | None = None) -> list[list[float]]:
+    """Seconds of a verification forward for each path in ``kernel`` (and ``layers``) and n in
+    ``sizes`` (see ``time_rounds``): the median of ``reps`` interleaved rounds."""
+    return np.median(time_rounds(model, context, sizes, reps, kernel, layers=layers), axis=0).tolist()
 
 
 def spread(seconds: np.ndarray) -> float:

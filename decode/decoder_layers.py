@@ -123,7 +123,7 @@ class LayerPass:
         ``attention`` implementation."""
         return (x.dtype == torch.float32 and x.device.type == "cpu" and x.ndim == 3 and x.shape[0] == 1
                 and 0 < x.shape[1] <= MAX_ROWS and not x.requires_grad and not self.layer.training
-                and bool(self.settings.kernel_rows[x.shape[1]]) and cache is not None
+                and self.settings.layers and bool(self.settings.kernel_rows[x.shape[1]]) and cache is not None
                 and position_embeddings is not None
                 and attention in MASKED_ATTENTION and not any(self.hooks)
                 and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks))

@@ -379,6 +379,7 @@ class KernelSettings:
         self.asked: torch.nn.Module | None = None
         self.found: tuple[torch.Tensor, torch.Tensor] | None = None
         self.kernel_rows = np.ones(MAX_ROWS + 1, bool)
+        self.layers = True  # whether decode.decoder_layers' pass runs the layers it serves (off: A/B timing)
         self.most = torch.get_num_threads(), numba.get_num_threads()
         self.threads = 0  # the free cores the pools were last set for
 

@@ -14,7 +14,8 @@ interleaved, after a warm-up round, as the cost curve is measured):
             fresh keys and values (a forward's are cold too)
   forward   one verification forward of the model (1 + n tokens, LM head included, as the
             cost curve measures it) over a cache of --context tokens, with the linear layers
-            on BLAS and on the kernel (interleaved)
+            on BLAS, on the kernel within the decoder layers' own forward, and on the kernel
+            within decode.decoder_layers' pass (interleaved)
   norms     the model's RMS norms (one call of each, as in a forward) over 1 + n rows, their
             own forward and decode.norms' pass (the one generate runs where it serves them)
   prefill   the prompt of --context tokens run into a fresh cache in one forward (BLAS and
@@ -97,11 +98,14 @@ def main(argv: list[str] | None = None) -> None:
 
     attention(model, args.context, args.reps)
 
-    with_blas, with_kernel = forward_seconds(model, args.context, TREE_SIZES, args.reps, kernel=(False, True))
+    with_blas, own_layers, with_kernel = forward_seconds(model, args.context, TREE_SIZES, args.reps,
+                                                         kernel=(False, True, True), layers=(False, False, True))
     print(f"\nforward of 1 + n tokens over {args.context} cached tokens, ms\n")
     print("| n | " + " | ".join(map(str, TREE_SIZES)) + " |\n|---|" + "---|" * len(TREE_SIZES))
     print(row("BLAS linear layers", [s * 1000 for s in with_blas]))
-    print(row("`decode.skinny` kernel", [s * 1000 for s in with_kernel]))
+    print(row("`decode.skinny` kernel, the decoder layers' own forward", [s * 1000 for s in own_layers]))
+    print(row("`decode.skinny` kernel and `decode.decoder_layers`' pass (what generate runs)",
+              [s * 1000 for s in with_kernel]))
     norms(model, args.reps)
     prefill(model, args.context, args.reps)
 

@@ -141,13 +141,17 @@ def test_calls_it_does_not_take_run_the_layer_own_forward():
     assert fired == [1]
 
 
-def test_routing_to_blas_keeps_the_layer_forward():
+@pytest.mark.parametrize("switch", ["blas", "layers off"])
+def test_routing_to_blas_or_turning_the_pass_off_keeps_the_layer_forward(switch):
     model = tiny_model("qwen2")
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         expected = model(ids).logits
         with verification_kernels(model) as settings:
-            settings.kernel_rows[6] = False
+            if switch == "blas":
+                settings.kernel_rows[6] = False
+            else:
+                settings.layers = False  # what tools/bench_kernel.py's A/B row does
             layer = model.model.layers[0]
             calls = []
             layer.mlp.register_forward_hook(lambda *a: calls.append(1))  # fires only in the own forward
