@@ -35,7 +35,7 @@ from transformers.activations import SiLUActivation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from retrodraft.decode import norms
-from retrodraft.decode.skinny import MAX_ROWS, KernelSettings, _eligible, held_weight, multiply, weight_stamp
+from retrodraft.decode.skinny import MAX_ROWS, KernelSettings, eligible, held_weight, multiply, weight_stamp
 
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 ATTENTION_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -72,12 +72,14 @@ def _children(module: torch.nn.Module) -> set[str]:
 def _shaped(layer: torch.nn.Module) -> bool:
     """Whether ``layer`` has exactly the parts ``LayerPass`` computes, in float32 on a CPU."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None or _children(layer) != LAYER_PARTS or not _children(attn) <= ATTENTION_PARTS | {
-            "rotary_emb"} or not ATTENTION_PARTS <= _children(attn) or _children(mlp) != MLP_PARTS:
+    if attn is None or mlp is None or _children(layer) != LAYER_PARTS or _children(mlp) != MLP_PARTS:
+        return False
+    if not ATTENTION_PARTS <= _children(attn) <= ATTENTION_PARTS | {"rotary_emb"}:
         return False
     linears = [getattr(attn, n) for n in sorted(ATTENTION_PARTS)] + [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-    heads = getattr(attn, "head_dim", None), getattr(attn, "scaling", None), getattr(attn, "layer_idx", None)
-    return (all(_eligible(m) for m in linears) and None not in heads and heads[0] % 2 == 0
+    head_dim, scaling, layer_idx = (getattr(attn, n, None) for n in ("head_dim", "scaling", "layer_idx"))
+    return (all(eligible(m) for m in linears) and None not in (scaling, layer_idx)
+            and isinstance(head_dim, int) and head_dim % 2 == 0
             and norms.serves(layer.input_layernorm) and norms.serves(layer.post_attention_layernorm))
 
 

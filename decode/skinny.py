@@ -342,7 +342,8 @@ def skinny_linear(x: torch.Tensor, weight: np.ndarray, bias: torch.Tensor | None
     return y
 
 
-def _eligible(module: torch.nn.Module) -> bool:
+def eligible(module: torch.nn.Module) -> bool:
+    """Whether ``skinny_linears`` patches ``module``: a float32 CPU ``nn.Linear`` with a contiguous weight."""
     if not isinstance(module, torch.nn.Linear):
         return False
     w = module.weight
@@ -352,7 +353,7 @@ def _eligible(module: torch.nn.Module) -> bool:
 def serves(model: torch.nn.Module) -> bool:
     """Whether ``skinny_linears`` sends any of ``model``'s layers through the kernel (float32
     linear layers on a CPU)."""
-    return any(_eligible(m) for m in model.modules())
+    return any(eligible(m) for m in model.modules())
 
 
 class KernelSettings:
@@ -447,7 +448,7 @@ def skinny_linears(model: torch.nn.Module) -> Iterator[KernelSettings]:
     if model in _blocks:
         yield _blocks[model]
         return
-    patched = [m for m in model.modules() if _eligible(m) and "forward" not in vars(m)]
+    patched = [m for m in model.modules() if eligible(m) and "forward" not in vars(m)]
     settings = KernelSettings(bool(patched))
     for module in patched:
         weight = held_weight(module)
