@@ -35,6 +35,7 @@ from transformers.activations import SiLUActivation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from retrodraft.decode import norms
+from retrodraft.decode.forward_memo import once_per_forward
 from retrodraft.decode.skinny import MAX_ROWS, KernelSettings, eligible, held_weight, multiply, weight_stamp
 
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -108,16 +109,9 @@ class LayerPass:
 
     def _linear(self, i: int, x: np.ndarray) -> np.ndarray:
         weight, features, bias = self.linears[i]
-        out = multiply(x, weight)
-        if out.shape[1] != features:
-            out = np.ascontiguousarray(out[:, :features])  # the panels' zero padding off
+        out = multiply(x, weight, features=features)
         if bias is not None:
             out += bias
-        return out
-
-    def _norm(self, i: int, x: np.ndarray) -> np.ndarray:
-        out = np.empty_like(x)
-        norms.rms_norm(x, *self.norms[i], out)
         return out
 
     def takes(self, x: torch.Tensor, cache, position_embeddings, attention: str) -> bool:
@@ -137,7 +131,7 @@ class LayerPass:
             return None
         rows = hidden_states.shape[1]
         x = hidden_states[0].contiguous().numpy()
-        h = self._norm(0, x)
+        h = norms.rms_rows(x, *self.norms[0])
         cos, sin = _angles(position_embeddings, rows, self.d)
         q, k, v = (self._linear(i, h) for i in range(3))
         query = np.empty((q.shape[1] // self.d, rows, self.d), np.float32)
@@ -150,7 +144,7 @@ class LayerPass:
         out, _ = ALL_ATTENTION_FUNCTIONS[attention](self.attn, torch.from_numpy(query)[None], keys, values,
                                                     attention_mask, dropout=0.0, scaling=self.attn.scaling, **kwargs)
         x = x + self._linear(3, out.reshape(rows, -1).contiguous().numpy())
-        h = self._norm(1, x)
+        h = norms.rms_rows(x, *self.norms[1])
         gate, up = self._linear(4, h), self._linear(5, h)
         if self.silu:
             F.silu(torch.from_numpy(gate), inplace=True)
@@ -161,18 +155,14 @@ class LayerPass:
         return torch.from_numpy(x)[None]
 
 
-_last_angles: list = [None]  # [(the (cos, sin) tuple of a forward, its arrays)], replaced whole
+_last_angles: list = [None]  # once_per_forward's memo of the rotary angles
 
 
 def _angles(position_embeddings: tuple, rows: int, d: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin as float32 arrays [rows, d], made once per forward: a model hands every
-    layer the same tuple (held here, so its identity cannot pass to another; replaced whole,
-    so a thread running another model cannot swap its arrays in between)."""
-    held = _last_angles[0]
-    if held is None or held[0] is not position_embeddings:
-        held = _last_angles[0] = (position_embeddings, tuple(np.ascontiguousarray(t.reshape(rows, d).numpy())
-                                                             for t in position_embeddings))
-    return held[1]
+    layer the same tuple."""
+    return once_per_forward(_last_angles, position_embeddings, None, lambda: tuple(
+        np.ascontiguousarray(t.reshape(rows, d).numpy()) for t in position_embeddings))
 
 
 _verdicts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> (its weights' stamps, served?)

@@ -50,13 +50,17 @@ def epsilon(module: torch.nn.Module) -> float | None:
     return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
 
 
+def rms_rows(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
+    """``rms_norm`` over the last dimension of C-contiguous float32 ``x`` [..., d], into a new array."""
+    out = np.empty_like(x)
+    d = x.shape[-1]
+    rms_norm(x.reshape(-1, d), weight, eps, out.reshape(-1, d))
+    return out
+
+
 def normalise(x: torch.Tensor, weight: np.ndarray, eps: np.float32) -> torch.Tensor:
-    """``rms_norm`` over the last dimension of float32 CPU ``x`` [..., d]."""
-    xs = (x if x.is_contiguous() else x.contiguous()).numpy()
-    out = np.empty_like(xs)
-    d = xs.shape[-1]
-    rms_norm(xs.reshape(-1, d), weight, eps, out.reshape(-1, d))
-    return torch.from_numpy(out)
+    """``rms_rows`` of float32 CPU ``x`` [..., d]."""
+    return torch.from_numpy(rms_rows((x if x.is_contiguous() else x.contiguous()).numpy(), weight, eps))
 
 
 _verdicts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # module -> (weight's stamp, served?)

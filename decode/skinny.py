@@ -312,16 +312,20 @@ def first_argmax(out: np.ndarray, best: np.ndarray, n: int, index: np.ndarray) -
                 break
 
 
-def multiply(x: np.ndarray, weight: np.ndarray, best: np.ndarray = NO_MAXIMA) -> np.ndarray:
+def multiply(x: np.ndarray, weight: np.ndarray, best: np.ndarray = NO_MAXIMA,
+             features: int | None = None) -> np.ndarray:
     """x float32 [M, K] times a layer's weight as ``skinny_linears`` holds it: [N, K] as the
     model does (``rows_times_weights``) or its panels (``rows_times_panels``, filling ``best``
-    [M, panels] with each panel's row maxima unless it is empty): [M, N]."""
+    [M, panels] with each panel's row maxima unless it is empty): [M, N], or on panels [M,
+    panels * PANEL] unless ``features`` is N (then the padding's columns are cut off)."""
     if weight.ndim == 2:
         out = np.empty((x.shape[0], weight.shape[0]), np.float32)
         rows_times_weights(x, weight, out)
         return out
     out = np.empty((x.shape[0], weight.shape[0] * PANEL), np.float32)
     rows_times_panels(x, weight, out, best)
+    if features is not None and features != out.shape[1]:
+        out = np.ascontiguousarray(out[:, :features])
     return out
 
 
@@ -333,9 +337,7 @@ def skinny_linear(x: torch.Tensor, weight: np.ndarray, bias: torch.Tensor | None
     # numpy on both sides of the call: a forward makes 211 of them, and torch's reshape, empty
     # and view cost 10 us a call here against 5 (0.6 ms of a 1-token forward on the Xeon VM)
     xs = (x if x.is_contiguous() else x.contiguous()).numpy()
-    out = multiply(xs.reshape(-1, xs.shape[-1]), weight, best)
-    if features is not None and features != out.shape[1]:
-        out = np.ascontiguousarray(out[:, :features])  # the panels' zero padding off
+    out = multiply(xs.reshape(-1, xs.shape[-1]), weight, best, features)
     y = torch.from_numpy(out.reshape(xs.shape[:-1] + out.shape[1:]))
     if bias is not None:
         y += bias

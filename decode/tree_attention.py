@@ -25,6 +25,7 @@ from transformers.masking_utils import sdpa_mask
 
 from retrodraft.decode import cpu_attention
 from retrodraft.decode.decoder_layers import PACKED_SDPA, decoder_layers
+from retrodraft.decode.forward_memo import once_per_forward
 from retrodraft.decode.norms import rms_norms
 from retrodraft.decode.skinny import MAX_ROWS, KernelSettings, skinny_linears
 from retrodraft.retrieval.tree import DraftTree
@@ -82,21 +83,6 @@ def mask_groups(model) -> int:
     return heads // kv_heads if heads and kv_heads else 1
 
 
-def _once_per_forward(memo: list, mask: torch.Tensor, key, make):
-    """``make()``, derived from ``mask``, computed once per forward rather than once per layer:
-    every layer of a forward gets the same mask object, so the same object with the same
-    ``key`` and version counter gets the last answer again (inference tensors keep no
-    version: the same object is trusted). ``memo[0]`` is the tuple (mask, (key, version),
-    answer), replaced whole, so a thread running another model's forward meanwhile can make
-    this one recompute but never hand it the other's answer; it holds the mask, which keeps
-    its memory from serving another mask meanwhile."""
-    stamp = (key, None if mask.is_inference() else mask._version)
-    held = memo[0]
-    if held is None or held[0] is not mask or held[1] != stamp:
-        held = memo[0] = (mask, stamp, make())
-    return held[2]
-
-
 _last_additive: list = [None]
 _last_tiled: list = [None]
 _last_transposed: list = [None]
@@ -107,20 +93,20 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     once per forward: what ``cpu_attention`` takes. transformers hands a prompt's chunks after
     the first such a mask (``run_prompt``); SDPA over it, per layer, was 40% of a 1024-token
     prefill on a 2-core Zen 5 VM."""
-    return _once_per_forward(_last_additive, mask, dtype,
-                             lambda: torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-                                 ~mask, torch.finfo(dtype).min))
+    return once_per_forward(_last_additive, mask, dtype,
+                            lambda: torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                                ~mask, torch.finfo(dtype).min))
 
 
 def _tiled(mask: torch.Tensor, groups: int) -> torch.Tensor:
     """``mask`` [1, 1, q, k] tiled to [1, 1, groups * q, k], once per forward (the copy in
     every layer was ~7% of a 16-node forward at a 1024-token context)."""
-    return _once_per_forward(_last_tiled, mask, groups, lambda: mask.repeat(1, 1, groups, 1))
+    return once_per_forward(_last_tiled, mask, groups, lambda: mask.repeat(1, 1, groups, 1))
 
 
 def _transposed(mask: torch.Tensor) -> np.ndarray:
     """``cpu_attention.transposed_mask(mask)``, once per forward."""
-    return _once_per_forward(_last_transposed, mask, None, lambda: cpu_attention.transposed_mask(mask))
+    return once_per_forward(_last_transposed, mask, None, lambda: cpu_attention.transposed_mask(mask))
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa)
