@@ -36,6 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from retrodraft.decode import norms
 from retrodraft.decode.forward_memo import once_per_forward
+from retrodraft.decode.simd import LANES, add, load, mul, splat, store
 from retrodraft.decode.skinny import MAX_ROWS, KernelSettings, eligible, held_weight, multiply, weight_stamp
 
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -54,12 +55,22 @@ def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray) -> 
     """out[h, i] = x[i, h] * cos[i] + rotate_half(x[i, h]) * sin[i] for x float32 [rows, heads
     * d] and cos, sin [rows, d]: transformers' ``apply_rotary_pos_emb`` on one of query or
     key, heads moved first (out [heads, rows, d]). Products and sum in its order, without
-    fused multiply-adds, so the result is bitwise the same."""
+    fused multiply-adds (the negation a product by -1, which keeps a zero's sign), so the
+    result is bitwise the same. Vectors of 16 where half a head is a multiple of 16 (LLVM
+    left the scalar loops scalar: 42 against 5 us for 65 rows of 9 heads of 64)."""
     rows, d = cos.shape
     half = d // 2
+    minus = splat(-1.0)
     for h in range(out.shape[0]):
         base = h * d
         for i in range(rows):
+            if half % LANES == 0:
+                for j in range(0, half, LANES):
+                    a, b = load(x, (i, base + j)), load(x, (i, base + j + half))
+                    store(out, (h, i, j), add(mul(a, load(cos, (i, j))), mul(mul(b, minus), load(sin, (i, j)))))
+                    store(out, (h, i, j + half),
+                          add(mul(b, load(cos, (i, j + half))), mul(a, load(sin, (i, j + half)))))
+                continue
             for j in range(half):
                 out[h, i, j] = x[i, base + j] * cos[i, j] + (-x[i, base + j + half]) * sin[i, j]
             for j in range(half, d):
