@@ -18,6 +18,11 @@ interleaved, after a warm-up round, as the cost curve is measured):
             within decode.decoder_layers' pass (interleaved)
   norms     the model's RMS norms (one call of each, as in a forward) over 1 + n rows, their
             own forward and decode.norms' pass (the one generate runs where it serves them)
+  roofline  the forward's arithmetic (linear layers, LM head and attention, in GFLOP) over
+            this machine's float32 multiply-add peak (measured: vector FMAs on every thread),
+            the share of that peak the measured forward reached, and the least c(n) the peak
+            allows (a forward can be no faster than its arithmetic at the peak, nor than the
+            0-node forward, which streams the weights)
   prefill   the prompt of --context tokens run into a fresh cache in one forward (BLAS and
             SDPA) and as ``generate`` runs it (``tree_attention.run_prompt``: forwards of
             ``prompt_rows`` rows through the kernels), interleaved
@@ -37,6 +42,7 @@ from retrodraft.tools.threads import short_openmp_spin
 
 short_openmp_spin()  # before torch: see tools/threads.py
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,6 +51,7 @@ from retrodraft.decode import load_model
 from retrodraft.decode.budget import CostModel, forward_seconds
 from retrodraft.decode import cpu_attention
 from retrodraft.decode import norms as norm_pass
+from retrodraft.decode.simd import add, fma, lanes_sum, splat
 from retrodraft.decode.skinny import PANELS, multiply, panels_of
 from retrodraft.decode.tree_attention import attention_shape, new_cache, prompt_rows, run_prompt, verification_kernels
 
@@ -106,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     print(row("`decode.skinny` kernel, the decoder layers' own forward", [s * 1000 for s in own_layers]))
     print(row("`decode.skinny` kernel and `decode.decoder_layers`' pass (what generate runs)",
               [s * 1000 for s in with_kernel]))
+    roofline(model, args.context, with_kernel)
     norms(model, args.reps)
     prefill(model, args.context, args.reps)
 
@@ -114,6 +122,61 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ncost curve the budget uses at {args.context}: "
           + ", ".join(f"c({n}) = {curve[n]:.2f}" for n in TREE_SIZES[1:]))
     print("path generate takes: " + ", ".join(f"n = {n}: {'kernel' if rows[n + 1] else 'BLAS'}" for n in TREE_SIZES))
+
+
+@numba.njit(parallel=True, fastmath=True)
+def _multiply_adds(steps: int, out: np.ndarray) -> None:
+    """12 independent chains of vector multiply-adds per thread, ``steps`` long (enough
+    chains to keep every FMA unit busy through their latency)."""
+    for t in numba.prange(out.shape[0]):
+        x, y = splat(np.float32(1.0) + np.float32(t) * np.float32(1e-7)), splat(0.999999)
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = splat(0.0)
+        for _ in range(steps):
+            a0, a1, a2, a3 = fma(x, y, a0), fma(x, y, a1), fma(x, y, a2), fma(x, y, a3)
+            a4, a5, a6, a7 = fma(x, y, a4), fma(x, y, a5), fma(x, y, a6), fma(x, y, a7)
+            a8, a9, a10, a11 = fma(x, y, a8), fma(x, y, a9), fma(x, y, a10), fma(x, y, a11)
+        total = add(add(add(a0, a1), add(a2, a3)), add(add(a4, a5), add(a6, a7)))
+        out[t] = lanes_sum(add(total, add(add(a8, a9), add(a10, a11))))  # used: the loop is not dropped
+
+
+def fma_peak(steps: int = 20_000_000) -> float:
+    """FLOP/s of float32 vector multiply-adds on all of Numba's threads (the kernels' pool):
+    the best of three runs."""
+    threads = numba.get_num_threads()
+    out = np.empty(threads, np.float32)
+    _multiply_adds(10, out)  # compile
+    best = np.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        _multiply_adds(steps, out)
+        best = min(best, time.perf_counter() - t)
+    return threads * steps * 12 * 16 * 2 / best
+
+
+def forward_flops(model, context: int, n: int) -> float:
+    """Floating-point operations of a verification forward of 1 + n rows over ``context``
+    cached tokens: every linear layer (the LM head included) and attention's two products
+    (scores and the weighted sum of values, every key for every row, as the kernels compute
+    them); norms and element-wise work left out."""
+    rows = n + 1
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    kv_heads, groups, dim = attention_shape(model.config)
+    attention = model.config.num_hidden_layers * kv_heads * groups * rows * (context + rows) * dim * 4
+    return 2.0 * rows * weights + attention
+
+
+def roofline(model, context: int, seconds: list[float]) -> None:
+    """The roofline table (see the module's docstring) for the forward's measured ``seconds``
+    at TREE_SIZES (decode.decoder_layers' pass)."""
+    peak = fma_peak()
+    flops = [forward_flops(model, context, n) for n in TREE_SIZES]
+    print(f"\nroofline: float32 multiply-add peak {peak / 1e9:.0f} GFLOP/s on {numba.get_num_threads()} threads\n")
+    print("| n | " + " | ".join(map(str, TREE_SIZES)) + " |\n|---|" + "---|" * len(TREE_SIZES))
+    print(row("arithmetic, GFLOP", [f / 1e9 for f in flops], 2))
+    print(row("arithmetic at the peak, ms", [f / peak * 1000 for f in flops]))
+    print(row("measured forward (the pass), % of the peak", [100 * f / peak / s for f, s in zip(flops, seconds)], 0))
+    print(row("least c(n) the peak allows", [max(seconds[0], f / peak) / seconds[0] for f in flops], 2))
+    print(row("measured c(n)", [s / seconds[0] for s in seconds], 2))
 
 
 @torch.inference_mode()
