@@ -24,7 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from retrodraft.decode import cpu_attention
-from retrodraft.decode.decoder_layers import PACKED_SDPA, decoder_layers
+from retrodraft.decode.decoder_layers import PACKED_SDPA, decoder_layers, stack_projections
 from retrodraft.decode.forward_memo import once_per_forward
 from retrodraft.decode.norms import rms_norms
 from retrodraft.decode.skinny import MAX_ROWS, KernelSettings, skinny_linears
@@ -140,6 +140,7 @@ def verification_kernels(model) -> Iterator[KernelSettings]:
     thread-safe: while a ``generate`` call runs, another thread using the same model object
     runs through the patched layers too, and an inner block leaves the restoring to the
     outermost one. Use one model object per thread."""
+    stack_projections(model)  # before skinny_linears takes the layers' weights: views into the stacks
     with (packed_attention(model), skinny_linears(model) as threads, rms_norms(model, threads),
           decoder_layers(model, threads)):
         yield threads

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from retrodraft.decode import skinny
-from retrodraft.decode.skinny import (MAX_ROWS, held_weight, multiply, panels_of, rows_times_weights, skinny_linear,
+from retrodraft.decode.skinny import (MAX_ROWS, held_stack, held_weight, multiply, panels_of, rows_times_weights, skinny_linear,
                                        skinny_linears)
 
 
@@ -55,6 +55,30 @@ def test_panels_are_made_once_per_weight_and_again_when_it_changes(monkeypatch):
     torch.testing.assert_close(skinny_linear(x, held_weight(layer), layer.bias, 70), layer(x), rtol=1e-5, atol=1e-4)
     monkeypatch.setattr(skinny, "PANELS", False)
     assert np.shares_memory(held_weight(layer), layer.weight.detach().numpy())  # AVX2: the weight itself
+
+
+def test_a_stack_computes_its_layers_in_one_call_and_holds_their_panels_as_views(monkeypatch):
+    monkeypatch.setattr(skinny, "PANELS", True)
+    layers = (torch.nn.Linear(32, 70), torch.nn.Linear(32, 16, bias=False), torch.nn.Linear(32, 64))
+    stack = held_stack(layers)
+    assert held_stack(layers) is stack and stack.shape == (2 + 1 + 1, 32, skinny.PANEL)
+    for layer in layers:  # each layer's panels are its view into the stack: no second copy
+        assert np.shares_memory(held_weight(layer), stack) and held_weight(layer).flags.c_contiguous
+    x = torch.randn(5, 32)
+    whole = multiply(x.numpy(), stack)
+    for layer, columns in zip(layers, skinny.stack_columns(layers)):
+        expected = F.linear(x, layer.weight)
+        torch.testing.assert_close(torch.from_numpy(whole[:, columns]), expected, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        layers[1].weight.mul_(-1.0)  # one layer's weight changes: the stack is made again
+    again = held_stack(layers)
+    assert again is not stack and np.shares_memory(held_weight(layers[1]), again)
+    torch.testing.assert_close(torch.from_numpy(multiply(x.numpy(), again)[:, 128:144]), F.linear(x, layers[1].weight),
+                               rtol=1e-5, atol=1e-4)
+    assert held_stack((layers[0], torch.nn.Linear(16, 8))) is None  # inputs of other sizes
+    assert held_stack((layers[0], torch.nn.Linear(32, 8).double())) is None  # a layer the kernel does not take
+    monkeypatch.setattr(skinny, "PANELS", False)
+    assert held_stack(layers) is None  # AVX2: it would copy the weights the kernel reads in place
 
 
 def test_context_routes_few_rows_to_the_kernel_and_restores_the_layers(monkeypatch):
