@@ -279,7 +279,7 @@ class CostModel:
         self._priors: dict[int, CostCurve] = {}
         self._learners: dict[int, CurveLearner] = {}
         self._hosts: dict[str, HostLearner] = {}
-        self._tables: dict[int, np.ndarray] = {}
+        self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # bucket -> (the fit it read, c(n))
         self._routes: dict[int, np.ndarray] = {}
         self._dirty: set[int] = set()
         self._saved_at = 0.0
@@ -344,11 +344,13 @@ class CostModel:
 
     def table(self, context: int) -> np.ndarray:
         """float64 [max(SIZES) + 1]: c(n) for n = 0..max(SIZES) at this context length, as learned so far
-        (c(0) = 1, non-decreasing). Memoised until the next ``observe``."""
+        (c(0) = 1, non-decreasing). Memoised until the learner fits its curve again."""
         b, learner = self._learner(context)
-        if b not in self._tables:
-            self._tables[b] = np.interp(np.arange(SIZES[-1] + 1), SIZES, learner.costs())
-        return self._tables[b]
+        fit = learner.fitted()
+        memo = self._tables.get(b)
+        if memo is None or memo[0] is not fit:
+            memo = self._tables[b] = (fit, np.interp(np.arange(SIZES[-1] + 1), SIZES, learner.costs()))
+        return memo[1]
 
     def kernel_rows(self, context: int) -> np.ndarray:
         """bool [MAX_ROWS + 1]: the row counts at which ``decode.skinny``'s kernel was faster
@@ -388,7 +390,6 @@ class CostModel:
         if host_seconds is not None:
             self.observe_host(context, nodes, host_seconds, drafting)
         learner.observe(nodes, seconds)
-        self._tables.pop(b, None)
         self._dirty.add(b)
 
     def observe_host(self, context: int, nodes: int, seconds: float, drafting: str) -> float:

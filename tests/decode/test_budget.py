@@ -292,6 +292,28 @@ def test_a_slower_machine_moves_the_level_not_the_shape():
     np.testing.assert_allclose(learner.costs(), TRUE_COSTS, rtol=0.08)
 
 
+def test_the_shape_is_fitted_again_every_few_steps_and_whenever_it_is_saved():
+    """Each step moves the level; the shape's fit (a tenth of a millisecond) runs after every
+    step for the first CURVE_EARLY, then after every CURVE_REFIT, and before ``state``."""
+    from retrodraft.decode.costfit import CURVE_EARLY, CURVE_REFIT
+
+    learner = CurveLearner(SIZES, np.log(T0 * TRUE_COSTS))
+    for step in range(CURVE_EARLY):
+        before = learner.fitted()
+        learner.observe(64, T0 * 6)  # c(64) is twice what the prior says
+        assert learner.fitted() is not before, f"step {step} of the first {CURVE_EARLY} was not fitted"
+    fits, last = 0, learner.fitted()
+    for _ in range(8 * CURVE_REFIT):
+        learner.observe(64, T0 * 6)
+        fits, last = fits + (learner.fitted() is not last), learner.fitted()
+    assert fits == 8
+    learner.observe(64, T0 * 6)
+    stale = learner.fitted()
+    learner.state()
+    assert learner.fitted() is not stale
+    assert np.exp(learner.log_seconds(64)) == pytest.approx(T0 * 6, rel=0.05)  # the level followed every step
+
+
 NEAR = np.log(T0 * TRUE_COSTS * np.array([1] + [1.2] * 8 + [1.1, 0.95, 0.9, 0.9]))  # within TRUST
 
 
