@@ -18,6 +18,7 @@ WINDOW = 16  # recent observations per size bin: their median follows a change w
 PRIOR_WEIGHT = 2  # copies of a measured prior among each size's observations (1 for a noisy measurement)
 AGREE = 0.1  # log-seconds correction within which an unobserved size's prior keeps its full weight
 TRUST = float(np.log(1.5))  # how far another run's learned shape may move the measured curve, per size
+CARRY = WINDOW // 2  # steps a run must have timed at a size for the next run to start from what it learned there
 LEVEL_STEPS = 5  # recent steps whose median reading is the machine's level (load changes within seconds)
 MAX_COUNT = 1000  # evidence counted per bin, so a long history still yields to a changed machine within WINDOW
 HOST_WINDOW = 64  # recent (nodes, host time) pairs per drafter set
@@ -112,15 +113,18 @@ class CurveLearner:
     def fitted(self) -> np.ndarray:
         """float64 [len(sizes)]: non-decreasing log seconds per size, at level 0.
 
-        An observed size takes the median of its recent observations and PRIOR_WEIGHT copies
-        of the prior (so the prior decides until observations outnumber it, then only breaks
-        ties); an unobserved one takes the prior moved by the correction its observed
-        neighbours needed (interpolated), so a prior that is wrong everywhere is not kept
-        where no step happened to land. The weighted non-decreasing fit of those estimates is
-        read through its pools' centres (``through_pools``)."""
+        An observed size takes the median of its recent observations and copies of the prior:
+        CARRY less its count while it has few (so a few steps timed in a burst of load move
+        nothing), at least PRIOR_WEIGHT (then they only break ties). An unobserved one takes
+        the prior moved by the correction the sizes timed at least CARRY times needed
+        (interpolated), so a prior that is wrong everywhere is not kept where no step happened
+        to land, and a few unlucky steps at one size do not make every larger size dear: the
+        budget would then never send those sizes, and never learn otherwise. The weighted
+        non-decreasing fit of those estimates is read through its pools' centres
+        (``through_pools``)."""
         if self._fit is None:
             seen = np.flatnonzero(self.counts > 0)
-            sure = np.flatnonzero(self.counts > self.prior_weight)  # observations outnumber the prior
+            sure = np.flatnonzero(self.counts >= CARRY)  # timed often enough to speak for other sizes
             shift = np.zeros(len(self.sizes))
             if len(sure):
                 medians = np.array([_median(self.windows[b]) for b in sure])
@@ -129,7 +133,8 @@ class CurveLearner:
             est = guess.copy()
             weight = self.prior_weight * np.minimum(1.0, AGREE / np.maximum(np.abs(shift), 1e-12))
             for b in seen:
-                est[b] = _median([*self.windows[b], *[float(guess[b])] * self.prior_weight])
+                copies = max(self.prior_weight, CARRY - int(self.counts[b]))
+                est[b] = _median([*self.windows[b], *[float(guess[b])] * copies])
                 weight[b] = self.prior_weight + min(int(self.counts[b]), MAX_COUNT)
             self._fit = through_pools(self.sizes, isotonic(est, weight))
             self._since = 0
@@ -173,10 +178,14 @@ class CurveLearner:
                 "windows": [[round(v, 6) for v in w] for w in self.windows], "counts": self.counts.tolist()}
 
     def restore(self, state: dict) -> float:
-        """Start from another run's ``state()``: its fitted curve becomes the prior, with its
-        shape held within TRUST of this learner's measured prior at every size (that run timed
-        its steps under another load; this run's steps overrule it within a few steps per
-        size), and its last level (how fast the machine ran) as this run's first. Returns how
+        """Start from another run's ``state()``: the prior becomes the measured curve moved
+        by what that run learned at the sizes it timed at least CARRY times (interpolated
+        between them and 0 nodes, held past the largest, at most TRUST at any size: that run timed its steps
+        under another load; this run's steps overrule it within a few steps per size), and its
+        last level (how fast the machine ran) is this run's first. A size that run timed a few
+        times, or never, is not carried: a short burst of load there would otherwise make
+        that size and every larger one dear in every later run, which would then never try
+        them and so never learn otherwise. Returns how
         far, in log units, the restored shape departed from the measured one at the sizes that
         run observed more than its prior: past TRUST, the measurement itself is in doubt.
         Raises ValueError (and changes nothing) if the state does not fit."""
@@ -200,7 +209,9 @@ class CurveLearner:
         f = then.fitted()
         departure = (f - f[0]) - (self.measured - self.measured[0])
         sure = then.counts > self.prior_weight
-        self.prior = isotonic(self.measured + np.clip(departure, -TRUST, TRUST))
+        timed = np.flatnonzero((then.counts >= CARRY) | (self.sizes == self.sizes[0]))  # 0 nodes: the reference
+        carried = np.interp(self.sizes, self.sizes[timed], departure[timed])
+        self.prior = isotonic(self.measured + np.clip(carried, -TRUST, TRUST))
         for win in self.windows:
             win.clear()
         self.counts = np.zeros(len(self.sizes), np.int64)

@@ -78,7 +78,7 @@ import json
 
 from retrodraft.decode import budget as budget_module
 from retrodraft.decode.budget import CACHE_FORMAT, fit, validated
-from retrodraft.decode.costfit import CurveLearner, HostLearner, isotonic, through_pools
+from retrodraft.decode.costfit import CARRY, CurveLearner, HostLearner, isotonic, through_pools
 
 TRUE_COSTS = np.array([1, 1.02, 1.04, 1.06, 1.08, 1.12, 1.16, 1.25, 1.35, 1.6, 1.9, 2.5, 3.1])  # at SIZES
 T0 = 0.08  # seconds of a 0-node step in the synthetic machine
@@ -319,7 +319,7 @@ NEAR = np.log(T0 * TRUE_COSTS * np.array([1] + [1.2] * 8 + [1.1, 0.95, 0.9, 0.9]
 
 def test_learned_state_round_trips_and_rejects_garbage():
     learner = CurveLearner(SIZES, NEAR)
-    synthetic_steps(learner, 80, np.random.default_rng(3))
+    synthetic_steps(learner, 200, np.random.default_rng(3))  # every size timed at least CARRY times
     again = CurveLearner(SIZES, NEAR)
     assert again.restore(json.loads(json.dumps(learner.state()))) < np.log(1.25)
     np.testing.assert_allclose(again.costs(), learner.costs(), rtol=1e-6)
@@ -328,6 +328,30 @@ def test_learned_state_round_trips_and_rejects_garbage():
                 {**learner.state(), "prior": [1e9] * len(SIZES)}):
         with pytest.raises(ValueError):
             again.restore(bad)
+
+
+def test_a_few_steps_at_one_size_do_not_make_every_larger_tree_dear_in_the_next_run():
+    """Seen in a cache after a bench: 3 steps of 16 nodes at 1.44x their measured cost (a burst
+    of a neighbour's work) made c(16) "sure", the shift reached every larger size unobserved,
+    and the next run started from c(16) = 2.32, c(64) = 6.5 against 1.53 and 4.14 measured, so
+    it never sent 16 nodes, never timed them and kept the curve. A size needs CARRY steps to
+    overrule the prior, or to move other sizes, and a run carries over only what it timed
+    that often."""
+    measured = np.log(T0 * TRUE_COSTS)
+    before = CurveLearner(SIZES, measured)
+    rng = np.random.default_rng(8)
+    synthetic_steps(before, 120, rng, sizes=(0, 1, 2, 3, 4, 6, 8, 12))
+    for _ in range(3):
+        before.observe(16, T0 * TRUE_COSTS[8] * 1.44)
+    state = json.loads(json.dumps(before.state()))
+    np.testing.assert_allclose(before.costs(), TRUE_COSTS, rtol=0.08)  # nor within the run
+    for _ in range(CARRY):  # a lasting change at 16 is learned
+        before.observe(16, T0 * TRUE_COSTS[8] * 1.44)
+    before.state()
+    assert before.costs()[8] == pytest.approx(1.44 * TRUE_COSTS[8], rel=0.08)
+    again = CurveLearner(SIZES, measured)
+    again.restore(state)
+    np.testing.assert_allclose(again.costs(), TRUE_COSTS, rtol=0.08)
 
 
 def test_the_next_run_starts_at_the_speed_the_last_one_ended_at():
@@ -397,7 +421,8 @@ def test_the_engine_learns_from_its_steps_and_saves_what_it_learned(quick_measur
     assert costs.overhead("a")[0] == pytest.approx(0.1, rel=0.1)
     assert costs.predict_seconds(100, 16, "a") == pytest.approx(T0 * (1.35 + 0.1), rel=0.1)
     costs.save(force=True)
-    np.testing.assert_allclose(CostModel(model).table(100), costs.table(100), rtol=1e-4)  # read back
+    # read back: the sizes timed often are carried over, the ones between interpolated
+    np.testing.assert_allclose(CostModel(model).table(100), costs.table(100), rtol=0.05)
 
 
 def test_a_measured_curve_far_from_what_the_steps_taught_is_measured_again(quick_measure, caplog):
