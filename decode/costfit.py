@@ -187,7 +187,7 @@ class CurveLearner:
         that size and every larger one dear in every later run, which would then never try
         them and so never learn otherwise. Returns how
         far, in log units, the restored shape departed from the measured one at the sizes that
-        run observed more than its prior: past TRUST, the measurement itself is in doubt.
+        run timed at least CARRY times: past TRUST, the measurement itself is in doubt.
         Raises ValueError (and changes nothing) if the state does not fit."""
         windows, counts = state.get("windows"), state.get("counts")
         prior = state.get("prior", self.measured.tolist())
@@ -208,7 +208,6 @@ class CurveLearner:
         then.counts = np.asarray(counts, np.int64)
         f = then.fitted()
         departure = (f - f[0]) - (self.measured - self.measured[0])
-        sure = then.counts > self.prior_weight
         timed = np.flatnonzero((then.counts >= CARRY) | (self.sizes == self.sizes[0]))  # 0 nodes: the reference
         carried = np.interp(self.sizes, self.sizes[timed], departure[timed])
         self.prior = isotonic(self.measured + np.clip(carried, -TRUST, TRUST))
@@ -220,7 +219,7 @@ class CurveLearner:
         # when it was measured predicts its first steps right, before this run's own readings
         self.level = float(level + f[0] - self.measured[0])
         self._fit = None
-        return float(np.max(np.abs(departure[sure]), initial=0.0))
+        return float(np.max(np.abs(departure[timed]), initial=0.0))
 
 
 class HostLearner:

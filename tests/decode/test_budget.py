@@ -78,7 +78,7 @@ import json
 
 from retrodraft.decode import budget as budget_module
 from retrodraft.decode.budget import CACHE_FORMAT, fit, validated
-from retrodraft.decode.costfit import CARRY, CurveLearner, HostLearner, isotonic, through_pools
+from retrodraft.decode.costfit import CARRY, TRUST, CurveLearner, HostLearner, isotonic, through_pools
 
 TRUE_COSTS = np.array([1, 1.02, 1.04, 1.06, 1.08, 1.12, 1.16, 1.25, 1.35, 1.6, 1.9, 2.5, 3.1])  # at SIZES
 T0 = 0.08  # seconds of a 0-node step in the synthetic machine
@@ -335,23 +335,27 @@ def test_a_few_steps_at_one_size_do_not_make_every_larger_tree_dear_in_the_next_
     of a neighbour's work) made c(16) "sure", the shift reached every larger size unobserved,
     and the next run started from c(16) = 2.32, c(64) = 6.5 against 1.53 and 4.14 measured, so
     it never sent 16 nodes, never timed them and kept the curve. A size needs CARRY steps to
-    overrule the prior, or to move other sizes, and a run carries over only what it timed
-    that often."""
+    overrule the prior, to move other sizes or to send the next run to measure again, and a
+    run carries over only what it timed that often."""
     measured = np.log(T0 * TRUE_COSTS)
     before = CurveLearner(SIZES, measured)
-    rng = np.random.default_rng(8)
-    synthetic_steps(before, 120, rng, sizes=(0, 1, 2, 3, 4, 6, 8, 12))
+    synthetic_steps(before, 120, np.random.default_rng(8), sizes=(0, 1, 2, 3, 4, 6, 8, 12))
     for _ in range(3):
-        before.observe(16, T0 * TRUE_COSTS[8] * 1.44)
-    state = json.loads(json.dumps(before.state()))
-    np.testing.assert_allclose(before.costs(), TRUE_COSTS, rtol=0.08)  # nor within the run
-    for _ in range(CARRY):  # a lasting change at 16 is learned
-        before.observe(16, T0 * TRUE_COSTS[8] * 1.44)
+        before.observe(16, T0 * TRUE_COSTS[8] * 1.7)  # past TRUST
     before.state()
-    assert before.costs()[8] == pytest.approx(1.44 * TRUE_COSTS[8], rel=0.08)
+    np.testing.assert_allclose(before.costs(), TRUE_COSTS, rtol=0.08)  # nothing moved within the run
+    for _ in range(2):
+        before.observe(16, T0 * TRUE_COSTS[8] * 1.7)
+    state = json.loads(json.dumps(before.state()))
+    assert before.costs()[8] > 1.08 * TRUE_COSTS[8]  # five of eight opinions move 16 within the run
     again = CurveLearner(SIZES, measured)
-    again.restore(state)
+    assert again.restore(state) < TRUST  # nor the next run, which does not measure again
     np.testing.assert_allclose(again.costs(), TRUE_COSTS, rtol=0.08)
+    for _ in range(CARRY - 5):  # a lasting change at 16 is learned
+        before.observe(16, T0 * TRUE_COSTS[8] * 1.7)
+    state = before.state()
+    assert before.costs()[8] == pytest.approx(1.7 * TRUE_COSTS[8], rel=0.08)
+    assert CurveLearner(SIZES, measured).restore(state) > TRUST  # and doubts the measurement
 
 
 def test_the_next_run_starts_at_the_speed_the_last_one_ended_at():
