@@ -18,7 +18,7 @@ WINDOW = 16  # recent observations per size bin: their median follows a change w
 PRIOR_WEIGHT = 2  # copies of a measured prior among each size's observations (1 for a noisy measurement)
 AGREE = 0.1  # log-seconds correction within which an unobserved size's prior keeps its full weight
 TRUST = float(np.log(1.5))  # how far another run's learned shape may move the measured curve, per size
-CARRY = WINDOW // 2  # steps a run must have timed at a size for the next run to start from what it learned there
+CARRY = WINDOW // 2  # steps timed at a size before they overrule its prior, move other sizes or carry to the next run
 LEVEL_STEPS = 5  # recent steps whose median reading is the machine's level (load changes within seconds)
 MAX_COUNT = 1000  # evidence counted per bin, so a long history still yields to a changed machine within WINDOW
 HOST_WINDOW = 64  # recent (nodes, host time) pairs per drafter set
@@ -94,7 +94,7 @@ class CurveLearner:
 
     The level follows every step; the shape is fitted again after every step for the first
     CURVE_EARLY, then after every CURVE_REFIT (and by ``state``): a window of 16 moves little
-    in a few steps, and the fit, every step, was a tenth of a millisecond of every step's host time.
+    in a few steps, and the fit, every step, took a tenth of a millisecond of host time.
     """
 
     def __init__(self, sizes: tuple[int, ...], prior: np.ndarray, prior_weight: int = PRIOR_WEIGHT):
@@ -180,15 +180,15 @@ class CurveLearner:
     def restore(self, state: dict) -> float:
         """Start from another run's ``state()``: the prior becomes the measured curve moved
         by what that run learned at the sizes it timed at least CARRY times (interpolated
-        between them and 0 nodes, held past the largest, at most TRUST at any size: that run timed its steps
-        under another load; this run's steps overrule it within a few steps per size), and its
-        last level (how fast the machine ran) is this run's first. A size that run timed a few
-        times, or never, is not carried: a short burst of load there would otherwise make
-        that size and every larger one dear in every later run, which would then never try
-        them and so never learn otherwise. Returns how
-        far, in log units, the restored shape departed from the measured one at the sizes that
-        run timed at least CARRY times: past TRUST, the measurement itself is in doubt.
-        Raises ValueError (and changes nothing) if the state does not fit."""
+        between them and 0 nodes, held past the largest, at most TRUST at any size: that run
+        timed its steps under another load; this run's steps overrule it within a few steps
+        per size), and its last level (how fast the machine ran) is this run's first. A size
+        that run timed a few times, or never, is not carried: a short burst of load there
+        would otherwise make that size and every larger one dear in every later run, which
+        would then never try them and so never learn otherwise. Returns how far, in log
+        units, the restored shape departed from the measured one at the sizes that run timed
+        at least CARRY times: past TRUST, the measurement itself is in doubt. Raises
+        ValueError (and changes nothing) if the state does not fit."""
         windows, counts = state.get("windows"), state.get("counts")
         prior = state.get("prior", self.measured.tolist())
         if not all(isinstance(v, list) and len(v) == len(self.sizes) for v in (windows, counts, prior)):
