@@ -368,7 +368,8 @@ def decode_loop(model, input_ids: torch.Tensor, spec: Speculator, d: Decoding) -
             stats.verify_seconds += t2 - t1
             stats.step_seconds += time.perf_counter() - t0
             if d.costs is not None:
-                _time_step(d.costs, stats, length - keep, len(tree), drafter_set(spec.drafters), t0, t1, t2)
+                _time_step(d.costs, stats, length - keep, len(tree), drafter_set(spec.drafters), t0, t1, t2,
+                           teach_host=stats.steps > 1)
             if d.streamer is not None:
                 d.streamer.put(torch.tensor(new))
     stats.wait_seconds = verifier.wait_seconds
@@ -384,13 +385,20 @@ def decode_loop(model, input_ids: torch.Tensor, spec: Speculator, d: Decoding) -
 
 
 def _time_step(costs: CostModel, stats: GenerationStats, context: int, nodes: int, drafting: str,
-               t0: float, t1: float, t2: float) -> None:
+               t0: float, t1: float, t2: float, teach_host: bool = True) -> None:
     """Record the step's predicted and measured time, then teach ``costs`` what it took: the
-    verification (t1 to t2) and the host time around it (the rest, up to now)."""
+    verification (t1 to t2) and, with ``teach_host``, the host time around it (the rest, up to
+    now). A call's first step is not a sample of host time per step: its drafters index the
+    whole prompt and load their kernels there. Taught, one such step at n nodes beside a
+    next step at fewer gave d(n) a slope so steep that the budget sent 0 nodes from then on,
+    and with every step at 0 nodes no pair of steps could correct the slope until the
+    outlier left the window (the demo once ran 64 steps at 1.00 tokens a step, right after a
+    CI run)."""
     total = time.perf_counter() - t0
     stats.predicted_step_seconds.append(costs.predict_seconds(context, nodes, drafting))
     stats.measured_step_seconds.append(total)
-    costs.observe(context, nodes, t2 - t1, host_seconds=total - (t2 - t1), drafting=drafting)
+    host = total - (t2 - t1) if teach_host else None
+    costs.observe(context, nodes, t2 - t1, host_seconds=host, drafting=drafting)
 
 
 

@@ -442,6 +442,37 @@ def test_a_measured_curve_far_from_what_the_steps_taught_is_measured_again(quick
     assert "measuring again" in caplog.text
 
 
+def test_a_calls_first_step_does_not_teach_host_time(quick_measure):
+    """A call's first step indexes the prompt and loads its drafters' kernels: one such step
+    (here a drafter that takes 0.3 s once) taught as host time per step gave d(n) a slope that
+    kept the budget at 0 nodes until it left the window. Its verification is still taught."""
+    import time
+
+    from conftest import REPETITIVE
+    from retrodraft.decode import generate
+    from retrodraft.decode.generation import drafter_set
+    from retrodraft.retrieval.drafters import PromptLookupDrafter
+
+    class SlowFirst(PromptLookupDrafter):
+        calls = 0
+
+        def propose(self, context, budget):
+            SlowFirst.calls += 1
+            if SlowFirst.calls == 1:
+                time.sleep(0.3)
+            return super().propose(context, budget)
+
+    model = tiny_model("llama")
+    costs = CostModel.of(model)
+    out = generate(model, REPETITIVE, max_new_tokens=24, eos_token_id=[], drafters=[SlowFirst()])
+    host = costs._hosts[drafter_set([SlowFirst()])]
+    seconds0 = np.exp(costs._learner(REPETITIVE.shape[1])[1].log_seconds(0))
+    assert len(host.window) == out.stats.steps - 1
+    assert max(units for _, units in host.window) * seconds0 < 0.1
+    assert any(nodes > 0 for nodes, _ in host.window)  # taught, it kept every later step at 0 nodes
+    assert max(out.stats.measured_step_seconds) > 0.3  # the step itself is still reported
+
+
 def test_host_time_is_learned_as_a_robust_line():
     host = HostLearner()
     rng = np.random.default_rng(5)
