@@ -392,12 +392,16 @@ class CostModel:
         learner.observe(nodes, seconds)
         self._dirty.add(b)
 
+    def host_units(self, context: int, seconds: float) -> float:
+        """``seconds`` of host time in units of a 0-node forward at ``context``, now."""
+        _, learner = self._learner(context)
+        return seconds / math.exp(learner.log_seconds(0))
+
     def observe_host(self, context: int, nodes: int, seconds: float, drafting: str) -> float:
         """Fold in ``seconds`` of host time of one step of ``nodes`` nodes for the drafter set
         ``drafting``; returns it in units of a 0-node forward at ``context`` (d of this step)."""
         _check_step(context, nodes, seconds, "host seconds")
-        _, learner = self._learner(context)
-        units = seconds / math.exp(learner.log_seconds(0))
+        units = self.host_units(context, seconds)
         self._hosts.setdefault(drafting, HostLearner()).observe(nodes, units)
         return units
 

@@ -108,8 +108,10 @@ def replay(trace: Trace, drafters: Sequence[Drafter], budget: int | None = None,
         length += len(path) + 1
         steps += 1
         spec.observe(tokens[:length], len(path) + 1, rows, states)
-        if costs is not None:
-            cost += costs.observe_host(context, len(tree), time.perf_counter() - t0, drafting)
+        if costs is not None:  # the first step indexes the prompt: counted, not taught (see generation._time_step)
+            host = time.perf_counter() - t0
+            cost += (costs.observe_host(context, len(tree), host, drafting) if steps > 1
+                     else costs.host_units(context, host))
     return steps, end - prompt_len, cost
 
 

@@ -62,3 +62,4 @@ def test_replay_with_the_cost_model_counts_its_own_drafting_time(tmp_path, monke
     d = costs.overhead("replay:prompt_lookup")
     assert d[0] > 0  # drafting took time, in units of a 0-node forward
     assert cost > steps  # each step is at least one 0-node forward (c(0) = 1), plus its drafting time
+    assert len(costs._hosts["replay:prompt_lookup"].window) == steps - 1  # the first step is counted, not taught
