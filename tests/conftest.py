@@ -93,7 +93,7 @@ def tiny(request):
 def own_cost_cache(tmp_path_factory):
     """Cost curves learned during tests, timed beside other tests' work and on their odd
     thread counts, go to a cache of the session's own, not the user's (they once left a
-    developer's 256-token curve at c(64) = 6.1 against 2.9 measured quietly); converted
+    developer's 256-token curve at c(64) = 6.1 against 4.4 measured afresh); converted
     models stay shared. $RETRODRAFT_CACHE, when set, is used as given."""
     if os.environ.get("RETRODRAFT_CACHE"):
         yield
