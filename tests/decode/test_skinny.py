@@ -11,8 +11,9 @@ from retrodraft.decode.skinny import (MAX_ROWS, held_stack, held_weight, multipl
                                        skinny_linears)
 
 
-# 3-row passes and 0, 1 or 2 rows left; 6-row panel tiles and a part-filled one
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 17, 65, MAX_ROWS])
+# 3-row passes and 0, 1 or 2 rows left; 6-row panel tiles, a part-filled one, and after
+# full ones the 3-row tile for 1-3 rows
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 15, 17, 65, MAX_ROWS])
 @pytest.mark.parametrize("out_features", [1, 4, 7, 192, 1030])  # prefetching reaches blocks past the first ones
 @pytest.mark.parametrize("in_features", [96, 100, 130])  # a row ending mid cache line; more than a chunk of k
 @pytest.mark.parametrize("panels", [False, True])  # either kernel on any machine (AVX2 spills the panel tiles)
@@ -28,6 +29,18 @@ def test_kernel_equals_f_linear(rows, out_features, in_features, panels):
         out = np.full((rows, out_features), np.nan, np.float32)  # every entry must be written
         rows_times_weights(x.numpy(), w.numpy(), out)
     torch.testing.assert_close(torch.from_numpy(out), F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_a_rows_products_on_panels_do_not_depend_on_the_rows_beside_it():
+    """Every tile width sums a row's products in the same order, so a verification row gives
+    the same bits whether the tree is 6 nodes or 13: 1-3 rows after full tiles take a narrower
+    tile than the rest, and a row must not change with it."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(21, 200, generator=g).numpy()
+    panels = panels_of(torch.randn(130, 200, generator=g).numpy())
+    alone = np.concatenate([multiply(x[i : i + 1], panels) for i in range(x.shape[0])])
+    for rows in range(1, x.shape[0] + 1):
+        assert np.array_equal(multiply(x[:rows], panels), alone[:rows]), rows
 
 
 def test_skinny_linear_keeps_leading_dims_and_adds_bias():
