@@ -303,9 +303,9 @@ def rows_times_panels(x: np.ndarray, panels: np.ndarray, out: np.ndarray, best: 
                 rows = min(TILE, m_rows - m)
                 # A last tile of 1-3 rows after full ones takes the 3-row tile: past 6 rows
                 # the multiply-adds outweigh the stream of weights, so half of them is time
-                # saved (13-15 and 19 rows took 8-13% less, 7-9 rows 4-5%, for 30 matrices
-                # of 1536 x 576 on the 2-core Zen 5 VM). Alone, or for 4-5 rows, the full
-                # tile was as fast or faster (1-4 rows alone in narrow tiles: +17%).
+                # saved (13-15 and 19 rows took 8-15% less, 7-9 rows 3-7%, in two runs over
+                # 30 matrices of 1536 x 576 on the 2-core Zen 5 VM). Alone, or for 4-5 rows,
+                # the full tile was as fast or faster (1-4 rows alone in narrow tiles: +17%).
                 if t == 0 or rows > 3:
                     _panel_tile(x, panel, o, m, rows, k0, k1, flat, ahead, t, passes)
                 else:
