@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from llvmlite.binding import get_host_cpu_name
 from tqdm import tqdm
 
 from retrodraft.decode.costfit import PRIOR_WEIGHT, TRUST, CurveLearner, HostLearner, isotonic, through_pools
@@ -88,15 +89,21 @@ def _key(model, context: int, threads: int) -> str:
 
 
 def _device_name(device: torch.device) -> str:
+    """The device as the cost cache tells machines apart. On a CPU, the marketing name and
+    LLVM's name for the core: VMs often show only "AMD EPYC" or "Intel Xeon", and a home
+    directory shared across a cluster's nodes must not hand one core's curve to another
+    (a Zen 4 and a Zen 5 differ twofold in arithmetic)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    name = "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return "cpu"
+    return f"{name} ({get_host_cpu_name()})"
 
 
 def _sync(device: torch.device) -> None:

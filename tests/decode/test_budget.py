@@ -539,3 +539,14 @@ def test_the_cache_file_stays_put_while_a_call_runs_on_fewer_threads(tmp_path, m
         assert costs.path(300) == before
     finally:
         torch.set_num_threads(threads)
+
+
+def test_another_kind_of_core_under_the_same_name_gets_a_cache_file_of_its_own(tmp_path, monkeypatch):
+    """VMs name their CPUs alike ("AMD EPYC"), and a home directory may be shared by a
+    cluster's nodes: a curve measured on one kind of core must not be read on another."""
+    monkeypatch.setenv("RETRODRAFT_CACHE", str(tmp_path))
+    costs = CostModel(tiny_model("llama"))
+    here = costs.path(300)
+    assert costs.path(300) == here  # stable on one machine
+    monkeypatch.setattr(budget, "get_host_cpu_name", lambda: "another-core")
+    assert costs.path(300) != here
