@@ -449,7 +449,17 @@ class CostModel:
         tmp.write_text(json.dumps(data))
         tmp.replace(path)
 
-    def warm(self) -> None:
-        """Load or measure every bucket now, so no later call pays for a measurement."""
-        for b in BUCKETS:
+    def warm(self, longest: int | None = None) -> None:
+        """Load or measure every bucket now, so no later call pays for a measurement; with
+        ``longest`` (a bound on the contexts, prompt and output, that the calls to come will
+        reach), only the buckets those contexts use: a workload of short prompts is spared
+        measuring the longest bucket (a minute on a 2-core CPU)."""
+        if longest is not None and (not isinstance(longest, (int, np.integer)) or isinstance(longest, bool)
+                                    or longest < 1):
+            raise ValueError(f"longest must be a positive token count or None, got {longest!r}")
+        needed = [b for b in BUCKETS if longest is None or b <= bucket(longest)]
+        if len(needed) < len(BUCKETS):
+            logger.info("contexts up to %d tokens: cost curves at %s tokens only", longest,
+                        ", ".join(map(str, needed)))
+        for b in needed:
             self.table(b)

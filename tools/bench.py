@@ -108,16 +108,34 @@ def load_questions(path: Path, categories: set[str] | None, limit: int | None) -
     return out
 
 
+def asked(question: dict) -> list[str]:
+    """The user turns of ``question`` a run asks: two for mt_bench, else the first."""
+    return question["turns"][: 2 if question["group"] == "mt_bench" else 1]
+
+
 def turns(question: dict, tokenizer, answer: Callable[[torch.Tensor], list[int]]) -> Iterator[torch.Tensor]:
     """The chat-templated prompt ids of each turn of ``question`` (two for mt_bench, else
     one); after each, ``answer(ids)`` gives the target's greedy output, which the next turn
     includes."""
     messages: list[dict] = []
-    for turn in question["turns"][: 2 if question["group"] == "mt_bench" else 1]:
+    for turn in asked(question):
         messages.append({"role": "user", "content": turn})
         ids = chat_ids(tokenizer, messages)
         yield ids
         messages.append({"role": "assistant", "content": tokenizer.decode(answer(ids), skip_special_tokens=True)})
+
+
+def longest_context(questions: list[dict], tokenizer, max_new_tokens: int) -> int:
+    """More tokens than any turn of ``questions`` can reach as its context (prompt and
+    output), for warming only the cost curves a run uses: each user turn templated on its own
+    (so each counts the template once more than needed), and each answer at twice
+    ``max_new_tokens`` plus 16 (an answer's text is tokenized again in the next turn's prompt)."""
+    longest = 1
+    for q in questions:
+        user = asked(q)
+        prompts = sum(chat_ids(tokenizer, [{"role": "user", "content": t}]).shape[1] for t in user)
+        longest = max(longest, prompts + len(user) * (2 * max_new_tokens + 16))
+    return longest
 
 
 class ForwardCounter:
@@ -383,7 +401,8 @@ def timed_run(args, questions: list[dict], model, tok, datastore) -> None:
           f"{args.hog} CPU hogs; methods: {', '.join(names)}")
 
     costs = CostModel.of(model)
-    costs.warm()  # measured once per machine and cached (or read back and checked): out of the timings
+    # measured once per machine and cached (or read back and checked): out of the timings
+    costs.warm(longest_context(questions, tok, args.max_new_tokens))
     records = time_methods(questions, tok, table, args.max_new_tokens, args.warmup)
     result = summarize(records, names)
     print_table(result)
@@ -554,6 +573,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--resamples must be >= 1 and --confidence between 0 and 1")
     if getattr(args, "hog", 0) < 0:
         ap.error(f"--hog must be 0 or more, got {args.hog}")
+    if getattr(args, "max_new_tokens", 1) < 1:
+        ap.error(f"--max-new-tokens must be 1 or more, got {args.max_new_tokens}")
     if getattr(args, "questions", None) is not None and not args.questions.is_file():
         sys.exit(f"no questions at {args.questions}: pass --questions FILE (Spec-Bench format)")
     args.func(args)

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
                     "calibration) to draft from, over the shared corpus (default: default)")
     ap.add_argument("--prompt", default=BUILT_IN_PROMPT, help="the user message (default: a built-in one)")
     args = ap.parse_args(argv)
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be 1 or more, got {args.max_new_tokens}")
 
     model, tok = load_model(args.model)
     datastore = None
@@ -53,9 +55,9 @@ def main(argv: list[str] | None = None) -> None:
         from retrodraft.retrieval import Datastore
 
         datastore = Datastore.open(args.datastore, tokenizer=tok, scope=args.scope)
-    print("checking the cost curve of this model on this machine (measured once, then cached) ...")
-    CostModel.of(model).warm()
     ids = chat_prompt(tok, args.prompt, chat=True)
+    print("checking the cost curve of this model on this machine (measured once, then cached) ...")
+    CostModel.of(model).warm(ids.shape[1] + args.max_new_tokens)
     generate(model, ids, max_new_tokens=8, datastore=datastore)  # compile the kernels
 
     t = time.perf_counter()

@@ -550,3 +550,31 @@ def test_another_kind_of_core_under_the_same_name_gets_a_cache_file_of_its_own(t
     assert costs.path(300) == here  # stable on one machine
     monkeypatch.setattr(budget, "get_host_cpu_name", lambda: "another-core")
     assert costs.path(300) != here
+
+
+def test_warming_for_short_contexts_measures_only_the_buckets_they_use(tmp_path, monkeypatch):
+    """bench and the demo know how long their contexts get: a run of short prompts must not
+    spend a minute measuring the 4096-token curve it never reads."""
+    monkeypatch.setenv("RETRODRAFT_CACHE", str(tmp_path))
+    measured = []
+
+    def fake_measure(model, context, rounds=budget_module.ROUNDS):
+        measured.append(context)
+        return CostCurve(tuple(SIZES), tuple(1.0 + 0.01 * n for n in SIZES), seconds0=T0, spread=0.01,
+                         kernel=(True,) * len(SIZES))
+
+    monkeypatch.setattr(budget_module, "measure", fake_measure)
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 8192  # room for every bucket (rotary positions are computed)
+    CostModel(model).warm(300)
+    assert measured == [256]
+    CostModel(model).warm(1500)  # 256 is cached now
+    assert measured == [256, 1024]
+    CostModel(model).warm()
+    assert measured == [256, 1024, 4096]
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, "300", True])
+def test_warming_for_a_bad_length_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="longest"):
+        CostModel(tiny_model("llama")).warm(bad)

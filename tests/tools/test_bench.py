@@ -74,6 +74,21 @@ def test_a_negative_hog_count_is_a_clear_error(questions):
         bench.main(["--questions", str(questions), "--hog", "-1"])
 
 
+@pytest.mark.parametrize("command", ["run", "record"])
+def test_no_tokens_to_generate_is_a_clear_error(questions, command, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main([command, "--questions", str(questions), "--max-new-tokens", "0", "--out", str(tmp_path / "x")])
+    assert "--max-new-tokens must be 1 or more" in capsys.readouterr().err
+
+
+def test_the_demo_refuses_no_tokens_to_generate(capsys):
+    from retrodraft.tools import demo
+
+    with pytest.raises(SystemExit):
+        demo.main(["--max-new-tokens", "-5"])
+    assert "--max-new-tokens must be 1 or more" in capsys.readouterr().err
+
+
 def test_cpu_hogs_are_started_and_stopped():
     with bench.cpu_hogs(2) as hogs:
         assert len(hogs) == 2 and all(h.poll() is None for h in hogs)  # spinning
@@ -115,3 +130,18 @@ def test_compare_refuses_files_it_cannot_read(tmp_path):
         bench.main(["compare", str(bad)])
     with pytest.raises(SystemExit):
         bench.main(["compare", str(_results(tmp_path, 2.5)), "--confidence", "1.5"])
+
+
+@pytest.mark.model
+def test_longest_context_bounds_every_turn_a_run_can_reach(smollm):
+    """bench warms only the cost curves up to this bound: a context past it would be measured
+    mid-run, inside the timings. Each turn's context is its prompt (with the earlier answers,
+    tokenized again from their text) and its own answer."""
+    _, tok = smollm
+    max_new = 40
+    answer_ids = tok.encode("Waves fold over the pier; the tide keeps its own time. " * 8)[:max_new]
+    for q in QUESTIONS:
+        q = {**q, "group": "mt_bench" if q["category"] in bench.MT_BENCH else q["category"]}
+        bound = bench.longest_context([q], tok, max_new)
+        contexts = [ids.shape[1] + max_new for ids in bench.turns(q, tok, lambda ids: answer_ids)]
+        assert len(contexts) == len(bench.asked(q)) and max(contexts) <= bound
