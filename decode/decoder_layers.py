@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from transformers.activations import SiLUActivation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from retrodraft.decode import norms, skinny
+from retrodraft.decode import norms
 from retrodraft.decode.forward_memo import once_per_forward
 from retrodraft.decode.simd import LANES, add, load, mul, splat, store
 from retrodraft.decode.skinny import (MAX_ROWS, KernelSettings, eligible, held_stack, held_weight, multiply, stack_columns,
@@ -227,11 +227,9 @@ def stack_projections(model: torch.nn.Module) -> None:
     """Stack the panels of each Llama-style decoder layer's query, key and value projections
     (``skinny.held_stack``) before ``skinny_linears`` patches the layers: their held weights
     are then views into the stacks from the start, never copies beside them. Once per
-    weights; a no-op where the kernel holds no panels. (Not the gate and up projections:
-    each has panels enough for every thread, and the product of two column ranges of one
-    array, strided, took 23 us at 65 rows against 7 for contiguous ones.)"""
-    if not skinny.PANELS:  # nothing to stack: spare every call the walk over the model (~2 ms)
-        return
+    weights. (Not the gate and up projections: each has panels enough for every thread, and
+    the product of two column ranges of one array, strided, took 23 us at 65 rows against 7
+    for contiguous ones.)"""
     for layer in model.modules():
         if type(layer).__name__.endswith("DecoderLayer") and _shaped(layer):
             attn = layer.self_attn

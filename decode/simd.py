@@ -21,13 +21,23 @@ import numba
 from llvmlite import ir
 from llvmlite.binding import get_host_cpu_features
 from numba import types
-from numba.core import cgutils
+from numba.core import cgutils, config
 from numba.extending import intrinsic, models, register_model
 
 LANES = 16
-# Whether the host has AVX-512's 32 vector registers: tiles of 24 accumulators of 16 lanes fit
-# there; on AVX2 (16 registers of 8 lanes) they spill, so kernels built on them are used only here.
-WIDE_REGISTERS = bool(get_host_cpu_features().get("avx512f", False))
+
+
+def _compiles_for_avx512() -> bool:
+    """Whether Numba compiles for AVX-512: the host's features, or those NUMBA_CPU_FEATURES
+    names (as for a cache shared by several kinds of machine, or to try AVX2 code here)."""
+    if config.CPU_FEATURES is not None:
+        return "+avx512f" in config.CPU_FEATURES.split(",")
+    return bool(get_host_cpu_features().get("avx512f", False))
+
+
+# Whether the kernels get AVX-512's 32 vector registers: tiles of 24 accumulators of 16 lanes fit
+# there; on AVX2 (16 registers of 8 lanes) they spill, so kernels built on them are used only there.
+WIDE_REGISTERS = _compiles_for_avx512()
 
 
 class F32x16(types.Type):

@@ -8,12 +8,13 @@ matrix-vector product for 1, which itself streamed the weights at half the memor
 use it for every input row while it is in cache, so their time follows the weights' size,
 nearly flat in the number of rows: that is the cost curve speculative decoding needs.
 
-Two kernels: ``rows_times_weights`` on the weights as the model holds them (dot products
-along the input features), and ``rows_times_panels`` on a copy re-laid out in panels of 64
-output features (vectors along the outputs: no horizontal sums, one contiguous stream per
-task), which AVX-512 machines use (``PANELS``) at the price of that copy: on a 2-core Zen 5
-VM a 17-row forward of SmolLM2-135M at a 1024-token context went from 47.5 to 36.6 ms and a
-1-row one stayed at 28 ms.
+The kernel, ``rows_times_panels``, reads a copy of each weight re-laid out in panels of
+output features (``PANEL``: 64 on AVX-512, 16 elsewhere), vectors along the outputs: no
+horizontal sums, one contiguous stream per task. That copy is its price. Against dot
+products along the input features on the weights as the model holds them (the kernel this
+one replaced), a 17-row forward of SmolLM2-135M at a 1024-token context went from 47.5 to
+36.6 ms on a 2-core Zen 5 VM, and with AVX2 code on a 2-core Zen 4 VM from 94-102 to 58 ms
+(a 1-row one from 31-33 to 25: README, issue 10).
 
 Within ``skinny_linears(model)``, every float32 CPU ``nn.Linear`` of the model sends inputs
 of at most ``MAX_ROWS`` rows through the kernel (a prompt too: ``tree_attention.run_prompt``
@@ -40,19 +41,16 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from retrodraft.decode.cores import free_cores
-from retrodraft.decode.simd import WIDE_REGISTERS, fma4, largest, load, load4, maximum, splat, store4
+from retrodraft.decode.simd import LANES, WIDE_REGISTERS, fma, fma4, largest, load, load4, maximum, splat, store, store4
 
 MAX_ROWS = 128  # BLAS above (a whole prompt in one forward); from ~16 rows to here the two trade places between runs
-BLOCK = 4  # weight rows per task
-LINE = 16  # float32 values per 64-byte cache line
-AHEAD = 32 * 1024  # bytes of weights between a task's block and the block it prefetches
-PANEL = 64  # output features per panel of rows_times_panels: 4 vectors of 16
-TILE = 6  # input rows per panel tile: 6 x 4 vector accumulators take 24 of AVX-512's 32 registers
-CHUNK = 64  # rows of k per pass of every tile over a panel (16 KB: stays in L1 between the tiles)
-PANEL_AHEAD = 128  # panel rows (256 bytes each) prefetched ahead of the one computed
-# The panel kernel's tiles need AVX-512's 32 vector registers (on AVX2 its vectors split in two
-# and spill); there it also costs a second copy of the weights, which AVX2 machines are spared.
-PANELS = WIDE_REGISTERS
+# Output features per panel of rows_times_panels: 4 vectors of 16 lanes where AVX-512's 32
+# registers hold a tile of 6 x 4 accumulators, else one (a vector of 16 is two of AVX2's 16
+# registers: a tile of 6 x 1 takes 12)
+PANEL = 4 * LANES if WIDE_REGISTERS else LANES
+TILE = 6  # input rows per panel tile
+CHUNK_BYTES = 16 * 1024  # of a panel per pass of every tile over it (stays in L1 between the tiles)
+AHEAD_BYTES = 32 * 1024  # of a panel between the row computed and the row prefetched
 NO_MAXIMA = np.empty((0, 0), np.float32)  # rows_times_panels' ``best`` when no argmax is wanted
 
 
@@ -76,126 +74,17 @@ def prefetch(typingctx, arr, i, j):
 
 
 # The tiles below are written out by hand, alike: each must be straight-line code over named
-# scalars (or vectors) for LLVM to keep its accumulators in registers (a loop over an array of
-# them would load and store them at every k).
-@numba.njit(cache=True, fastmath=True, inline="always")
-def _three_rows(x, w, out, m, n):
-    """out[m:m + 3, n:n + 4]: a 4 x 3 tile."""
-    a00 = a01 = a02 = a03 = np.float32(0.0)
-    a10 = a11 = a12 = a13 = np.float32(0.0)
-    a20 = a21 = a22 = a23 = np.float32(0.0)
-    for k in range(x.shape[1]):
-        x0, x1, x2 = x[m, k], x[m + 1, k], x[m + 2, k]
-        w0, w1, w2, w3 = w[n, k], w[n + 1, k], w[n + 2, k], w[n + 3, k]
-        a00 += x0 * w0
-        a01 += x0 * w1
-        a02 += x0 * w2
-        a03 += x0 * w3
-        a10 += x1 * w0
-        a11 += x1 * w1
-        a12 += x1 * w2
-        a13 += x1 * w3
-        a20 += x2 * w0
-        a21 += x2 * w1
-        a22 += x2 * w2
-        a23 += x2 * w3
-    out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a00, a01, a02, a03
-    out[m + 1, n], out[m + 1, n + 1], out[m + 1, n + 2], out[m + 1, n + 3] = a10, a11, a12, a13
-    out[m + 2, n], out[m + 2, n + 1], out[m + 2, n + 2], out[m + 2, n + 3] = a20, a21, a22, a23
-
-
-@numba.njit(cache=True, fastmath=True, inline="always")
-def _two_rows(x, w, out, m, n):
-    """out[m:m + 2, n:n + 4]: a 4 x 2 tile."""
-    a00 = a01 = a02 = a03 = np.float32(0.0)
-    a10 = a11 = a12 = a13 = np.float32(0.0)
-    for k in range(x.shape[1]):
-        x0, x1 = x[m, k], x[m + 1, k]
-        w0, w1, w2, w3 = w[n, k], w[n + 1, k], w[n + 2, k], w[n + 3, k]
-        a00 += x0 * w0
-        a01 += x0 * w1
-        a02 += x0 * w2
-        a03 += x0 * w3
-        a10 += x1 * w0
-        a11 += x1 * w1
-        a12 += x1 * w2
-        a13 += x1 * w3
-    out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a00, a01, a02, a03
-    out[m + 1, n], out[m + 1, n + 1], out[m + 1, n + 2], out[m + 1, n + 3] = a10, a11, a12, a13
-
-
-@numba.njit(cache=True, fastmath=True, inline="always")
-def _one_row(x, w, out, m, n):
-    """out[m, n:n + 4]: the four weight rows by one input row."""
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    for k in range(x.shape[1]):
-        v = x[m, k]
-        a0 += v * w[n, k]
-        a1 += v * w[n + 1, k]
-        a2 += v * w[n + 2, k]
-        a3 += v * w[n + 3, k]
-    out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a0, a1, a2, a3
-
-
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def rows_times_weights(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-    """out[m, n] = dot(x[m], w[n]) for x float32 [M, K], w float32 [N, K] (row-major): the
-    kernel for weights as the model holds them (machines without AVX-512; see PANELS).
-
-    Register-blocked: each pass over k keeps a 4 x 3 tile of dot products in registers, so
-    each weight value loaded serves three input rows and each input value four weight rows;
-    the dot products run along k and end in a horizontal sum. A task's 4 weight rows (9 KB
-    at K = 576) stay in L1 across all passes over the input rows; the weights stream from
-    memory once per call. Rows left over take a 4 x 2 or 4 x 1 tile.
-
-    While a task computes, it prefetches a later block of its thread's weights (AHEAD bytes
-    on) into L2, a share before each pass, so that the next block's load from memory overlaps
-    this block's arithmetic instead of taking turns with it. On the 2-core EPYC VM, for a
-    1536 x 576 matrix (median of 21 interleaved rounds, ``decode.skinny`` before and after):
-    1 row 0.144 -> 0.106 ms (memory bound: 33 GB/s), 8 rows 0.216 -> 0.151 ms, 17 rows 0.294
-    -> 0.237 ms; the same 17 rows from cache take 0.17 ms. Spread over the passes, the
-    requests never fill the core's queue of misses (all at once, they gained nothing).
-    """
-    m_rows, k_len = x.shape
-    n_rows = w.shape[0]
-    lines = (k_len + LINE - 1) // LINE  # cache lines per weight row
-    distance = BLOCK * max(1, AHEAD // (4 * BLOCK * max(1, k_len)))  # weight rows ahead
-    passes = max(1, m_rows // 3)
-    per_pass = (BLOCK * lines + passes - 1) // passes  # prefetches before each pass
-    for b in numba.prange((n_rows + BLOCK - 1) // BLOCK):
-        n = b * BLOCK
-        if n + BLOCK > n_rows:  # the last, partial block: one dot product at a time
-            for r in range(n, n_rows):
-                for m in range(m_rows):
-                    acc = np.float32(0.0)
-                    for k in range(k_len):
-                        acc += x[m, k] * w[r, k]
-                    out[m, r] = acc
-            continue
-        later = n + distance
-        to_fetch = BLOCK * lines if later + BLOCK <= n_rows else 0
-        fetched = 0
-        m = 0
-        while m + 3 <= m_rows:
-            for j in range(fetched, min(fetched + per_pass, to_fetch)):
-                prefetch(w, later + j // lines, (j % lines) * LINE)
-            fetched += per_pass
-            _three_rows(x, w, out, m, n)
-            m += 3
-        for j in range(fetched, to_fetch):  # the rest before the last pass (none left if there is none)
-            prefetch(w, later + j // lines, (j % lines) * LINE)
-        if m + 2 == m_rows:
-            _two_rows(x, w, out, m, n)
-        elif m + 1 == m_rows:
-            _one_row(x, w, out, m, n)
-
-
-def panels_of(weight: np.ndarray) -> np.ndarray:
-    """A weight [N, K] re-laid out for ``rows_times_panels``: float32 [ceil(N / PANEL), K,
-    PANEL], panel p holding output features p * PANEL .. (p + 1) * PANEL - 1 feature-minor
-    (zero past N), each panel one contiguous block."""
+# vectors for LLVM to keep its accumulators in registers (a loop over an array of them would
+# load and store them at every k).
+def panels_of(weight: np.ndarray, width: int = PANEL) -> np.ndarray:
+    """A weight [N, K] re-laid out for ``rows_times_panels``: float32 [ceil(N / width), K,
+    width], panel p holding output features p * width .. (p + 1) * width - 1 feature-minor
+    (zero past N), each panel one contiguous block. ``width``: 4 * LANES or LANES (this
+    machine's PANEL by default; the other one computes the same, slower)."""
+    if width not in (LANES, 4 * LANES):
+        raise ValueError(f"panels are {LANES} or {4 * LANES} features wide, not {width}")
     n, k = weight.shape
-    panels = np.zeros((-(-n // PANEL), PANEL, k), np.float32)
+    panels = np.zeros((-(-n // width), width, k), np.float32)
     panels.reshape(-1, k)[:n] = weight
     return np.ascontiguousarray(panels.transpose(0, 2, 1))
 
@@ -222,7 +111,7 @@ def _fetch(flat, row, t, passes):
 
 @numba.njit(cache=True, fastmath=True, inline="always")
 def _panel_tile(x, panel, out, m, rows, k0, k1, flat, ahead, t, passes):
-    """out[m:m + rows, :PANEL] (rows <= 6) += x[m:m + rows, k0:k1] @ panel[k0:k1] (from zero
+    """out[m:m + rows, :64] (rows <= 6) += x[m:m + rows, k0:k1] @ panel[k0:k1] (from zero
     when k0 is 0): 6 rows by 4 vectors of accumulators in registers; with fewer rows the
     last one is computed again in the spare slots (the stores repeat it)."""
     m0, m1, m2 = m, m + min(1, rows - 1), m + min(2, rows - 1)
@@ -272,35 +161,74 @@ def _panel_tile3(x, panel, out, m, rows, k0, k1, flat, ahead, t, passes):
     store4(out[m], y00, y01, y02, y03)
 
 
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _narrow_tile(x, panel, out, m, rows, k0, k1, flat, ahead, t):
+    """``_panel_tile`` for a panel of one vector (LANES features): 6 rows by 1 vector of
+    accumulators, 12 of AVX2's 16 registers. A panel row is one cache line: the first pass
+    over a chunk prefetches it."""
+    m0, m1, m2 = m, m + min(1, rows - 1), m + min(2, rows - 1)
+    m3, m4, m5 = m + min(3, rows - 1), m + min(4, rows - 1), m + min(5, rows - 1)
+    if k0 == 0:
+        y0 = y1 = y2 = y3 = y4 = y5 = splat(0.0)
+    else:
+        y0, y1, y2 = load(out, (m0, 0)), load(out, (m1, 0)), load(out, (m2, 0))
+        y3, y4, y5 = load(out, (m3, 0)), load(out, (m4, 0)), load(out, (m5, 0))
+    last = flat.shape[0] - 1
+    for k in range(k0, k1):
+        if t == 0:
+            prefetch(flat, min(ahead + k, last), 0)
+        w = load(panel, (k, 0))
+        y0 = fma(splat(x[m0, k]), w, y0)
+        y1 = fma(splat(x[m1, k]), w, y1)
+        y2 = fma(splat(x[m2, k]), w, y2)
+        y3 = fma(splat(x[m3, k]), w, y3)
+        y4 = fma(splat(x[m4, k]), w, y4)
+        y5 = fma(splat(x[m5, k]), w, y5)
+    store(out, (m5, 0), y5)  # last to first, as in _panel_tile
+    store(out, (m4, 0), y4)
+    store(out, (m3, 0), y3)
+    store(out, (m2, 0), y2)
+    store(out, (m1, 0), y1)
+    store(out, (m0, 0), y0)
+
+
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def rows_times_panels(x: np.ndarray, panels: np.ndarray, out: np.ndarray, best: np.ndarray) -> None:
     """out[m, n] = sum over k of x[m, k] * w[n, k], with w given as ``panels_of(w)`` [P, K,
-    PANEL]: x float32 [M, K], out float32 [M, P * PANEL] (features past N come out 0). Unless
-    ``best`` is empty, best[m, p] is the largest of out[m, p * PANEL : (p + 1) * PANEL], taken
+    width]: x float32 [M, K], out float32 [M, P * width] (features past N come out 0). Unless
+    ``best`` is empty, best[m, p] is the largest of out[m, p * width : (p + 1) * width], taken
     while the panel's outputs are in L1 (``first_argmax`` finishes an argmax from it).
 
-    Vectors run along the output features: a tile of 6 input rows by one panel's 64
-    features (24 AVX-512 registers) gathers k's products with each panel row loaded once
-    and each input value broadcast once, so no sum ends horizontally. A task is one panel
-    (147 KB at K = 576), taken CHUNK rows of k at a time by every tile of rows in turn, so a
-    chunk is read from memory once and served from L1 to the other tiles; while they
-    compute, the tiles prefetch the panel rows PANEL_AHEAD on, a share per pass, so the
-    stream from memory overlaps the arithmetic. On the 2-core Zen 5 VM, 30 matrices of
-    1536 x 576 (``tools/bench_kernel.py``'s weights table) took 2.6 ms for 1 row, 3.4 ms for
-    17 and 10.0 ms for 65, against 3.0, 5.3 and 16.0 ms with ``rows_times_weights``.
+    Vectors run along the output features: a tile of 6 input rows by one panel's features
+    (64 in 24 AVX-512 registers, or 16 in 12 of AVX2's) gathers k's products with each panel
+    row loaded once and each input value broadcast once, so no sum ends horizontally. A task
+    is one panel (147 KB at K = 576 and 64 features), taken CHUNK_BYTES of it at a time by
+    every tile of rows in turn, so a chunk is read from memory once and served from L1 to the
+    other tiles; while they compute, the tiles prefetch the panel rows AHEAD_BYTES on, a share
+    per pass, so the stream from memory overlaps the arithmetic. 30 matrices of 1536 x 576
+    (``tools/bench_kernel.py``'s weights table) took 2.6 ms for 1 row, 3.4 ms for 17 and
+    10.0 ms for 65 on the 2-core Zen 5 VM (AVX-512), against 3.0, 5.3 and 16.0 ms with dot
+    products along k on the weights as the model holds them; with AVX2 code on a 2-core Zen
+    4 VM, 16-feature panels took 3.7, 5.8 and 17.9 ms against 4.5, 10.9 and 38.8 (and 64-
+    feature ones, whose tiles spill AVX2's registers, 5.4, 15.1 and 56.2).
     """
     m_rows, k_len = x.shape
-    flat = panels.reshape(panels.shape[0] * k_len, PANEL)
+    width = panels.shape[2]
+    flat = panels.reshape(panels.shape[0] * k_len, width)
     passes = (m_rows + TILE - 1) // TILE
+    chunk = CHUNK_BYTES // (4 * width)
     for p in numba.prange(panels.shape[0]):
         panel = panels[p]
-        o = out[:, p * PANEL : (p + 1) * PANEL]
-        ahead = p * k_len + PANEL_AHEAD
-        for k0 in range(0, k_len, CHUNK):
-            k1 = min(k_len, k0 + CHUNK)
+        o = out[:, p * width : (p + 1) * width]
+        ahead = p * k_len + AHEAD_BYTES // (4 * width)
+        for k0 in range(0, k_len, chunk):
+            k1 = min(k_len, k0 + chunk)
             for t in range(passes):
                 m = t * TILE
                 rows = min(TILE, m_rows - m)
+                if width == LANES:
+                    _narrow_tile(x, panel, o, m, rows, k0, k1, flat, ahead, t)
+                    continue
                 # A last tile of 1-3 rows after full ones takes the 3-row tile: past 6 rows
                 # the multiply-adds outweigh the stream of weights, so half of them is time
                 # saved (13-15 and 19 rows took 8-15% less, 7-9 rows 3-7%, in two runs over
@@ -312,30 +240,33 @@ def rows_times_panels(x: np.ndarray, panels: np.ndarray, out: np.ndarray, best: 
                     _panel_tile3(x, panel, o, m, rows, k0, k1, flat, ahead, t, passes)
         if best.shape[0]:
             for m in range(m_rows):
-                v0, v1, v2, v3 = load4(o[m])
-                best[m, p] = largest(maximum(maximum(v0, v1), maximum(v2, v3)))
+                if width == LANES:
+                    best[m, p] = largest(load(o, (m, 0)))
+                else:
+                    v0, v1, v2, v3 = load4(o[m])
+                    best[m, p] = largest(maximum(maximum(v0, v1), maximum(v2, v3)))
 
 
 @numba.njit(cache=True)
-def first_argmax(out: np.ndarray, best: np.ndarray, n: int, index: np.ndarray) -> None:
+def first_argmax(out: np.ndarray, best: np.ndarray, n: int, width: int, index: np.ndarray) -> None:
     """index[m] = the first n' < n with out[m, n'] the largest of out[m, :n], given best [M, P]
-    from ``rows_times_panels``: the first panel holding the row's largest value, then the
-    first feature in it that equals it (features past n, the last panel's padding, excluded:
-    ``out`` may come with or without them)."""
+    from ``rows_times_panels`` on panels ``width`` features wide: the first panel holding the
+    row's largest value, then the first feature in it that equals it (features past n, the
+    last panel's padding, excluded: ``out`` may come with or without them)."""
     panels = best.shape[1]
     last = panels - 1
     for m in range(out.shape[0]):
-        if last * PANEL + PANEL > n:  # the padding's zeros are no candidates
-            top = out[m, last * PANEL]
-            for j in range(last * PANEL + 1, n):
+        if last * width + width > n:  # the padding's zeros are no candidates
+            top = out[m, last * width]
+            for j in range(last * width + 1, n):
                 top = max(top, out[m, j])
             best[m, last] = top
         p = 0
         for q in range(1, panels):
             if best[m, q] > best[m, p]:
                 p = q
-        index[m] = p * PANEL
-        for j in range(p * PANEL, min(n, p * PANEL + PANEL)):
+        index[m] = p * width
+        for j in range(p * width, min(n, p * width + width)):
             if out[m, j] == best[m, p]:
                 index[m] = j
                 break
@@ -343,15 +274,10 @@ def first_argmax(out: np.ndarray, best: np.ndarray, n: int, index: np.ndarray) -
 
 def multiply(x: np.ndarray, weight: np.ndarray, best: np.ndarray = NO_MAXIMA,
              features: int | None = None) -> np.ndarray:
-    """x float32 [M, K] times a layer's weight as ``skinny_linears`` holds it: [N, K] as the
-    model does (``rows_times_weights``) or its panels (``rows_times_panels``, filling ``best``
-    [M, panels] with each panel's row maxima unless it is empty): [M, N], or on panels [M,
-    panels * PANEL] unless ``features`` is N (then the padding's columns are cut off)."""
-    if weight.ndim == 2:
-        out = np.empty((x.shape[0], weight.shape[0]), np.float32)
-        rows_times_weights(x, weight, out)
-        return out
-    out = np.empty((x.shape[0], weight.shape[0] * PANEL), np.float32)
+    """x float32 [M, K] times a layer's weight held as ``panels_of`` it (``rows_times_panels``,
+    filling ``best`` [M, panels] with each panel's row maxima unless it is empty): [M, panels
+    * width], or [M, N] if ``features`` is N (the padding's columns cut off)."""
+    out = np.empty((x.shape[0], weight.shape[0] * weight.shape[2]), np.float32)
     rows_times_panels(x, weight, out, best)
     if features is not None and features != out.shape[1]:
         out = np.ascontiguousarray(out[:, :features])
@@ -361,8 +287,8 @@ def multiply(x: np.ndarray, weight: np.ndarray, best: np.ndarray = NO_MAXIMA,
 def skinny_linear(x: torch.Tensor, weight: np.ndarray, bias: torch.Tensor | None,
                   features: int | None = None, best: np.ndarray = NO_MAXIMA) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for float32 CPU ``x`` [..., K] with at most MAX_ROWS rows;
-    ``weight`` is w as a numpy array [N, K] or ``panels_of`` it (then ``features`` is N, and
-    ``best``, unless empty, gets each panel's row maxima: ``multiply``)."""
+    ``weight`` is ``panels_of`` w [N, K], ``features`` N (``best``, unless empty, gets each
+    panel's row maxima: ``multiply``)."""
     # numpy on both sides of the call: a forward makes 211 of them, and torch's reshape, empty
     # and view cost 10 us a call here against 5 (0.6 ms of a 1-token forward on the Xeon VM)
     xs = (x if x.is_contiguous() else x.contiguous()).numpy()
@@ -449,13 +375,10 @@ def weight_stamp(weight: torch.Tensor) -> tuple:
 
 
 def held_weight(module: torch.nn.Linear) -> np.ndarray:
-    """A float32 CPU linear layer's weight as the kernel takes it: where PANELS, its
-    ``panels_of`` (a copy, made once per layer and kept while the layer lives; made again
-    when the weight's storage, shape or version counter changed: a load or an optimizer step
-    in between), else the weight itself as a numpy array (no copy)."""
+    """A float32 CPU linear layer's weight as the kernel takes it: its ``panels_of`` (a copy,
+    made once per layer and kept while the layer lives; made again when the weight's storage,
+    shape or version counter changed: a load or an optimizer step in between)."""
     w = module.weight.detach()
-    if not PANELS:
-        return w.numpy()
     stamp = weight_stamp(module.weight)
     held = _panels.get(module)
     if held is None or held[0] != stamp:
@@ -472,14 +395,13 @@ def held_stack(modules: tuple[torch.nn.Linear, ...]) -> np.ndarray | None:
     one kernel call computes all their outputs (layer i's at columns PANEL * (panels before
     it) on: ``stack_columns``). Each layer's ``held_weight`` becomes its view into the stack,
     so it costs no memory beyond the panels; made again when a weight changed
-    (``weight_stamp``). None where not PANELS (it would copy the weights as the model holds
-    them) or where a layer is not ``eligible``.
+    (``weight_stamp``). None where a layer is not ``eligible``.
 
     Why: a kernel call costs 5-10 us around its arithmetic, and a layer of few panels leaves a
     thread idle (a key projection's 3 panels on 2 threads); on the 2-core Zen 5 VM, SmolLM2-
     135M's 30 q/k/v stacks took 2.09, 2.67 and 7.63 ms for 1, 17 and 65 rows against 2.38,
     3.22 and 8.58 as 90 calls."""
-    if not PANELS or not all(eligible(m) for m in modules) or len({m.in_features for m in modules}) != 1:
+    if not all(eligible(m) for m in modules) or len({m.in_features for m in modules}) != 1:
         return None
     key = (tuple(map(id, modules)), tuple(weight_stamp(m.weight) for m in modules))
     held = _stacks.get(modules[0])
@@ -510,7 +432,7 @@ _routed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # patched nn
 @contextlib.contextmanager
 def skinny_linears(model: torch.nn.Module) -> Iterator[KernelSettings]:
     """Within the block, the model's float32 CPU linear layers compute inputs of at most
-    MAX_ROWS rows with the kernel (``held_weight``: on panels where PANELS) where the yielded
+    MAX_ROWS rows with the kernel (on ``held_weight``) where the yielded
     ``KernelSettings`` say so (``kernel_rows``; a no-op on other devices and dtypes), on the
     threads they set.
 
@@ -527,7 +449,7 @@ def skinny_linears(model: torch.nn.Module) -> Iterator[KernelSettings]:
         def forward(x: torch.Tensor, module=module, weight=weight) -> torch.Tensor:
             if not settings.takes(x):
                 return F.linear(x, module.weight, module.bias)
-            if settings.asked is module and weight.ndim == 3 and module.bias is None:
+            if settings.asked is module and module.bias is None:
                 settings.found = _panels_argmax(x, weight, module.out_features)
                 return settings.found[0]
             return skinny_linear(x, weight, module.bias, module.out_features)
@@ -571,5 +493,5 @@ def _panels_argmax(x: torch.Tensor, panels: np.ndarray, n: int) -> tuple[torch.T
     best = np.empty((rows, panels.shape[0]), np.float32)
     y = skinny_linear(x, panels, None, n, best)
     index = np.empty(rows, np.int64)
-    first_argmax(y.numpy().reshape(rows, n), best, n, index)  # reads only the first n features
+    first_argmax(y.numpy().reshape(rows, n), best, n, panels.shape[2], index)  # reads only the first n features
     return y, torch.from_numpy(index).view(x.shape[:-1])

@@ -6,8 +6,8 @@ Prints two tables, milliseconds, median of --reps (the forwards: --reps rounds o
 interleaved, after a warm-up round, as the cost curve is measured):
   weights   30 float32 weight matrices of 1536 x 576 (SmolLM2-135M's MLP shape, 106 MB: more
             than any cache, as in a real forward) times 1-64 input rows, F.linear (BLAS) and
-            decode.skinny's two kernels (on the weights as the model holds them, and on their
-            panels: the one AVX-512 machines use), one matrix after another
+            decode.skinny's kernel on panels of 64 features (what AVX-512 machines use) and of
+            16 (what others use), one matrix after another
   attention one layer's attention of the model at --context cached tokens for 1 + n tree
             rows (query heads packed on their key/value head, as a tree forward runs it),
             PyTorch's SDPA and decode.cpu_attention's kernel, interleaved, each call on
@@ -51,8 +51,8 @@ from retrodraft.decode import load_model
 from retrodraft.decode.budget import CostModel, forward_seconds
 from retrodraft.decode import cpu_attention
 from retrodraft.decode import norms as norm_pass
-from retrodraft.decode.simd import add, fma, lanes_sum, splat
-from retrodraft.decode.skinny import PANELS, multiply, panels_of
+from retrodraft.decode.simd import LANES, WIDE_REGISTERS, add, fma, lanes_sum, splat
+from retrodraft.decode.skinny import PANEL, multiply, panels_of
 from retrodraft.decode.tree_attention import attention_shape, new_cache, prompt_rows, run_prompt, verification_kernels
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
@@ -89,19 +89,20 @@ def main(argv: list[str] | None = None) -> None:
 
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(1536, 576, generator=gen) for _ in range(30)]
-    panels = [panels_of(w.numpy()) for w in weights]
-    blas, kernel, paneled = [], [], []
+    widths = (4 * LANES, LANES)  # AVX-512's panels and the others': both kernels run anywhere, exact
+    panels = {width: [panels_of(w.numpy(), width) for w in weights] for width in widths}
+    blas, paneled = [], {width: [] for width in widths}
     for m in ROWS:
         x = torch.randn(m, 576, generator=gen)
         blas.append(median_ms(lambda: [F.linear(x, w) for w in weights], args.reps))
-        kernel.append(median_ms(lambda: [multiply(x.numpy(), w.numpy()) for w in weights], args.reps))
-        paneled.append(median_ms(lambda: [multiply(x.numpy(), p) for p in panels], args.reps))
+        for width in widths:
+            paneled[width].append(median_ms(lambda: [multiply(x.numpy(), p) for p in panels[width]], args.reps))
     print(f"weights: 30 x (1536 x 576) float32, ms, {torch.get_num_threads()} threads\n")
     print("| rows | " + " | ".join(map(str, ROWS)) + " |\n|---|" + "---|" * len(ROWS))
     print(row("`F.linear` (BLAS)", blas))
-    print(row("`decode.skinny` kernel, weights as the model holds them" + ("" if PANELS else " (used here)"), kernel))
-    print(row("`decode.skinny` kernel on panels" + (" (used here)" if PANELS else " (AVX-512 only: slow here)"),
-              paneled))
+    for width in widths:
+        print(row(f"`decode.skinny` kernel on panels of {width} features" + (" (used here)" if width == PANEL else ""),
+                  paneled[width]))
 
     attention(model, args.context, args.reps)
 
@@ -124,17 +125,23 @@ def main(argv: list[str] | None = None) -> None:
     print("path generate takes: " + ", ".join(f"n = {n}: {'kernel' if rows[n + 1] else 'BLAS'}" for n in TREE_SIZES))
 
 
+# independent chains of vector multiply-adds per thread: enough to keep every FMA unit busy
+# through their latency, and no more than the registers hold (a vector is two of AVX2's)
+CHAINS = 12 if WIDE_REGISTERS else 6
+
+
 @numba.njit(parallel=True, fastmath=True)
 def _multiply_adds(steps: int, out: np.ndarray) -> None:
-    """12 independent chains of vector multiply-adds per thread, ``steps`` long (enough
-    chains to keep every FMA unit busy through their latency)."""
+    """CHAINS chains of vector multiply-adds per thread, ``steps`` long."""
     for t in numba.prange(out.shape[0]):
         x, y = splat(np.float32(1.0) + np.float32(t) * np.float32(1e-7)), splat(0.999999)
         a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = splat(0.0)
         for _ in range(steps):
             a0, a1, a2, a3 = fma(x, y, a0), fma(x, y, a1), fma(x, y, a2), fma(x, y, a3)
-            a4, a5, a6, a7 = fma(x, y, a4), fma(x, y, a5), fma(x, y, a6), fma(x, y, a7)
-            a8, a9, a10, a11 = fma(x, y, a8), fma(x, y, a9), fma(x, y, a10), fma(x, y, a11)
+            a4, a5 = fma(x, y, a4), fma(x, y, a5)
+            if CHAINS == 12:  # a constant: the branch is compiled away
+                a6, a7 = fma(x, y, a6), fma(x, y, a7)
+                a8, a9, a10, a11 = fma(x, y, a8), fma(x, y, a9), fma(x, y, a10), fma(x, y, a11)
         total = add(add(add(a0, a1), add(a2, a3)), add(add(a4, a5), add(a6, a7)))
         out[t] = lanes_sum(add(total, add(add(a8, a9), add(a10, a11))))  # used: the loop is not dropped
 
@@ -150,7 +157,7 @@ def fma_peak(steps: int = 20_000_000) -> float:
         t = time.perf_counter()
         _multiply_adds(steps, out)
         best = min(best, time.perf_counter() - t)
-    return threads * steps * 12 * 16 * 2 / best
+    return threads * steps * CHAINS * LANES * 2 / best
 
 
 def forward_flops(model, context: int, n: int) -> float:

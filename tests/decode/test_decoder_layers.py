@@ -8,7 +8,6 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from conftest import tiny_model
 from retrodraft.decode.decoder_layers import decoder_layers, rotate, serves
-from retrodraft.decode import skinny
 from retrodraft.decode.skinny import MAX_ROWS, KernelSettings, held_weight
 from retrodraft.decode.tree_attention import new_cache, tree_inputs, verification_kernels
 from retrodraft.retrieval.tree import DraftTree
@@ -49,9 +48,7 @@ def tree_forward(model, prompt: torch.Tensor, tree: DraftTree) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch,act", [("llama", None), ("qwen2", None), ("mistral", None),
                                       ("llama", "gelu_pytorch_tanh")])  # not SiLU: the module's own activation
-@pytest.mark.parametrize("panels", [True, False])  # q/k/v in one call on their stacked panels, or one call each
-def test_pass_equals_the_layers_in_a_tree_forward(arch, act, panels, monkeypatch):
-    monkeypatch.setattr(skinny, "PANELS", panels)
+def test_pass_equals_the_layers_in_a_tree_forward(arch, act):
     model = tiny_model(arch)
     if act is not None:
         from transformers.activations import ACT2FN
@@ -74,7 +71,7 @@ def test_pass_equals_the_layers_in_a_tree_forward(arch, act, panels, monkeypatch
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
     attn = model.model.layers[0].self_attn
     q, v = held_weight(attn.q_proj), held_weight(attn.v_proj)
-    assert (q.base is not None and q.base is v.base) == panels  # views into one stack
+    assert q.base is not None and q.base is v.base  # q/k/v in one call: views into one stack
 
 
 def test_real_model_layers_are_all_served_and_agree(smollm):

@@ -7,37 +7,41 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from retrodraft.decode import skinny
-from retrodraft.decode.skinny import (MAX_ROWS, held_stack, held_weight, multiply, panels_of, rows_times_weights, skinny_linear,
+from retrodraft.decode.simd import LANES
+from retrodraft.decode.skinny import (MAX_ROWS, held_stack, held_weight, multiply, panels_of, skinny_linear,
                                        skinny_linears)
 
+WIDTHS = [4 * LANES, LANES]  # AVX-512's panels and the others': both kernels run on any machine, exact
 
-# 3-row passes and 0, 1 or 2 rows left; 6-row panel tiles, a part-filled one, and after
-# full ones the 3-row tile for 1-3 rows
+
+# 6-row panel tiles, a part-filled one, and after full ones (on wide panels) the 3-row tile for 1-3 rows
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 15, 17, 65, MAX_ROWS])
-@pytest.mark.parametrize("out_features", [1, 4, 7, 192, 1030])  # prefetching reaches blocks past the first ones
-@pytest.mark.parametrize("in_features", [96, 100, 130])  # a row ending mid cache line; more than a chunk of k
-@pytest.mark.parametrize("panels", [False, True])  # either kernel on any machine (AVX2 spills the panel tiles)
-def test_kernel_equals_f_linear(rows, out_features, in_features, panels):
+@pytest.mark.parametrize("out_features", [1, 4, 7, 192, 1030])  # prefetching reaches panels past the first ones
+@pytest.mark.parametrize("in_features", [96, 100, 130, 300])  # a row ending mid cache line; more than a chunk of k
+@pytest.mark.parametrize("width", WIDTHS)
+def test_kernel_equals_f_linear(rows, out_features, in_features, width):
     g = torch.Generator().manual_seed(rows * 1000 + out_features)
     x = torch.randn(rows, in_features, generator=g)
     w = torch.randn(out_features, in_features, generator=g)
-    if panels:
-        out = multiply(x.numpy(), panels_of(w.numpy()))
-        assert out.shape == (rows, -(-out_features // skinny.PANEL) * skinny.PANEL) and not out[:, out_features:].any()
-        out = out[:, :out_features]
-    else:
-        out = np.full((rows, out_features), np.nan, np.float32)  # every entry must be written
-        rows_times_weights(x.numpy(), w.numpy(), out)
-    torch.testing.assert_close(torch.from_numpy(out), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    out = multiply(x.numpy(), panels_of(w.numpy(), width))
+    assert out.shape == (rows, -(-out_features // width) * width) and not out[:, out_features:].any()
+    torch.testing.assert_close(torch.from_numpy(out[:, :out_features]), F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
-def test_a_rows_products_on_panels_do_not_depend_on_the_rows_beside_it():
-    """Every tile width sums a row's products in the same order, so a verification row gives
-    the same bits whether the tree is 6 nodes or 13: 1-3 rows after full tiles take a narrower
+@pytest.mark.parametrize("width", [8, 32, 0, -16])
+def test_panels_come_in_the_widths_the_kernel_has_tiles_for(width):
+    with pytest.raises(ValueError, match="16 or 64 features wide"):
+        panels_of(np.ones((4, 8), np.float32), width)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_rows_products_on_panels_do_not_depend_on_the_rows_beside_it(width):
+    """Every tile sums a row's products in the same order, so a verification row gives the
+    same bits whether the tree is 6 nodes or 13: 1-3 rows after full tiles take a narrower
     tile than the rest, and a row must not change with it."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(21, 200, generator=g).numpy()
-    panels = panels_of(torch.randn(130, 200, generator=g).numpy())
+    panels = panels_of(torch.randn(130, 200, generator=g).numpy(), width)
     alone = np.concatenate([multiply(x[i : i + 1], panels) for i in range(x.shape[0])])
     for rows in range(1, x.shape[0] + 1):
         assert np.array_equal(multiply(x[:rows], panels), alone[:rows]), rows
@@ -46,14 +50,12 @@ def test_a_rows_products_on_panels_do_not_depend_on_the_rows_beside_it():
 def test_skinny_linear_keeps_leading_dims_and_adds_bias():
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(1, 5, 32, generator=g), torch.randn(9, 32, generator=g), torch.randn(9, generator=g)
-    torch.testing.assert_close(skinny_linear(x, w.numpy(), b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
     y = skinny_linear(x, panels_of(w.numpy()), b, 9)  # the panels' padding cut off
     assert y.shape == (1, 5, 9) and y.is_contiguous()
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
-def test_panels_are_made_once_per_weight_and_again_when_it_changes(monkeypatch):
-    monkeypatch.setattr(skinny, "PANELS", True)
+def test_panels_are_made_once_per_weight_and_again_when_it_changes():
     layer = torch.nn.Linear(32, 70)
     first = held_weight(layer)
     assert held_weight(layer) is first  # kept for the next block
@@ -66,15 +68,13 @@ def test_panels_are_made_once_per_weight_and_again_when_it_changes(monkeypatch):
     torch.testing.assert_close(skinny_linear(x, second, layer.bias, 70), layer(x), rtol=1e-5, atol=1e-4)
     layer.weight = torch.nn.Parameter(torch.randn(70, 32))  # a new tensor
     torch.testing.assert_close(skinny_linear(x, held_weight(layer), layer.bias, 70), layer(x), rtol=1e-5, atol=1e-4)
-    monkeypatch.setattr(skinny, "PANELS", False)
-    assert np.shares_memory(held_weight(layer), layer.weight.detach().numpy())  # AVX2: the weight itself
 
 
-def test_a_stack_computes_its_layers_in_one_call_and_holds_their_panels_as_views(monkeypatch):
-    monkeypatch.setattr(skinny, "PANELS", True)
+def test_a_stack_computes_its_layers_in_one_call_and_holds_their_panels_as_views():
     layers = (torch.nn.Linear(32, 70), torch.nn.Linear(32, 16, bias=False), torch.nn.Linear(32, 64))
     stack = held_stack(layers)
-    assert held_stack(layers) is stack and stack.shape == (2 + 1 + 1, 32, skinny.PANEL)
+    panels = sum(-(-layer.out_features // skinny.PANEL) for layer in layers)
+    assert held_stack(layers) is stack and stack.shape == (panels, 32, skinny.PANEL)
     for layer in layers:  # each layer's panels are its view into the stack: no second copy
         assert np.shares_memory(held_weight(layer), stack) and held_weight(layer).flags.c_contiguous
     x = torch.randn(5, 32)
@@ -86,12 +86,11 @@ def test_a_stack_computes_its_layers_in_one_call_and_holds_their_panels_as_views
         layers[1].weight.mul_(-1.0)  # one layer's weight changes: the stack is made again
     again = held_stack(layers)
     assert again is not stack and np.shares_memory(held_weight(layers[1]), again)
-    torch.testing.assert_close(torch.from_numpy(multiply(x.numpy(), again)[:, 128:144]), F.linear(x, layers[1].weight),
+    columns = skinny.stack_columns(layers)[1]
+    torch.testing.assert_close(torch.from_numpy(multiply(x.numpy(), again)[:, columns]), F.linear(x, layers[1].weight),
                                rtol=1e-5, atol=1e-4)
     assert held_stack((layers[0], torch.nn.Linear(16, 8))) is None  # inputs of other sizes
     assert held_stack((layers[0], torch.nn.Linear(32, 8).double())) is None  # a layer the kernel does not take
-    monkeypatch.setattr(skinny, "PANELS", False)
-    assert held_stack(layers) is None  # AVX2: it would copy the weights the kernel reads in place
 
 
 def test_context_routes_few_rows_to_the_kernel_and_restores_the_layers(monkeypatch):
@@ -147,7 +146,6 @@ def test_nested_contexts_restore_once_and_share_the_settings():
 @pytest.mark.parametrize("rows", [1, 5, 17, 65])
 @pytest.mark.parametrize("out_features", [64, 70, 1030])  # whole panels; a padded last panel
 def test_linear_argmax_takes_the_first_maximum_from_the_kernels_tiles(monkeypatch, rows, out_features):
-    monkeypatch.setattr(skinny, "PANELS", True)  # the panel kernel on any machine (AVX2 spills, still exact)
     g = torch.Generator().manual_seed(rows + out_features)
     head = torch.nn.Linear(48, out_features, bias=False)
     with torch.no_grad():
@@ -175,6 +173,25 @@ def test_linear_argmax_takes_the_first_maximum_from_the_kernels_tiles(monkeypatc
         assert logits[0, -1].max() < 0  # the padded panel's zeros would have won
 
 
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("out_features", [16, 70, 1030])
+def test_first_argmax_from_the_tiles_maxima_on_either_width(width, out_features):
+    g = torch.Generator().manual_seed(out_features)
+    w = torch.randn(out_features, 24, generator=g)
+    w[:, 0] = w[:, 0].abs() + 1  # an input along -e0 scores every feature below 0
+    w[out_features // 3] = w[-1]  # a tie: the first index wins
+    x = torch.randn(7, 24, generator=g)
+    x[0] = w[-1]
+    x[1] = 0.0
+    x[1, 0] = -1.0  # negative logits only: the padding's zeros must not win
+    panels = panels_of(w.numpy(), width)
+    best = np.empty((7, panels.shape[0]), np.float32)
+    out = multiply(x.numpy(), panels, best, out_features)
+    index = np.empty(7, np.int64)
+    skinny.first_argmax(out, best, out_features, width, index)
+    assert index.tolist() == torch.from_numpy(out).max(-1).indices.tolist() and index[0] == out_features // 3
+
+
 def test_linear_argmax_outside_the_kernel_is_the_layer_and_its_max():
     head = torch.nn.Linear(16, 40)
     x = torch.randn(3, 16)
@@ -186,8 +203,7 @@ def test_linear_argmax_outside_the_kernel_is_the_layer_and_its_max():
     assert index.tolist() == logits.max(-1).indices.tolist()
 
 
-def test_linear_argmax_runs_the_layers_hooks_and_follows_an_output_they_replace(monkeypatch):
-    monkeypatch.setattr(skinny, "PANELS", True)
+def test_linear_argmax_runs_the_layers_hooks_and_follows_an_output_they_replace():
     head = torch.nn.Linear(16, 64, bias=False)
     x = torch.randn(2, 16)
     seen = []
