@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from llvmlite.binding import get_host_cpu_name
+from numba.core import config as numba_config
 from tqdm import tqdm
 
 from retrodraft.decode.costfit import PRIOR_WEIGHT, TRUST, CurveLearner, HostLearner, isotonic, through_pools
@@ -90,9 +91,11 @@ def _key(model, context: int, threads: int) -> str:
 
 def _device_name(device: torch.device) -> str:
     """The device as the cost cache tells machines apart. On a CPU, the marketing name and
-    LLVM's name for the core: VMs often show only "AMD EPYC" or "Intel Xeon", and a home
-    directory shared across a cluster's nodes must not hand one core's curve to another
-    (a Zen 4 and a Zen 5 differ twofold in arithmetic)."""
+    the core the kernels are compiled for (LLVM's name for the host's, or NUMBA_CPU_NAME's,
+    and NUMBA_CPU_FEATURES where set): VMs often show only "AMD EPYC" or "Intel Xeon", and a
+    home directory shared across a cluster's nodes must not hand one core's curve to another
+    (a Zen 4 and a Zen 5 differ twofold in arithmetic; AVX2 code and AVX-512 code about as
+    much in a 17-row forward)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = "cpu"
@@ -103,7 +106,10 @@ def _device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{name} ({get_host_cpu_name()})"
+    target = numba_config.CPU_NAME or get_host_cpu_name()
+    if numba_config.CPU_FEATURES is not None:
+        target += " " + hashlib.sha256(numba_config.CPU_FEATURES.encode()).hexdigest()[:12]
+    return f"{name} ({target})"
 
 
 def _sync(device: torch.device) -> None:

@@ -42,6 +42,11 @@ ROWS = 3  # query rows per few-rows task: their value accumulators (3 x 64 float
 FEW = 8  # query rows per head up to which the few-rows kernel runs (Zen 5 VM: the two tie at 9, row blocks lead at 15)
 ROW_BLOCKS = WIDE_REGISTERS  # the row-block kernel's 8-key score tile spills AVX2's registers: measured on AVX-512 only
 BLOCK = LANES  # query rows per row-block task
+# Without row blocks (AVX2), the few-rows kernel's 3 x 64 value accumulators spill the 16
+# registers: it takes only this many query rows per head there, and SDPA the rest. (AVX2 code
+# on a 2-core Zen 4 VM, 3 heads at 1024 keys: 0.71 of SDPA's time at 3 rows, 1.02 at 6, 1.09-
+# 1.64 from 9; at 4096 keys 0.57, 0.79, 0.94 at 9, 1.04-1.18 from 12.)
+NARROW_ROWS = 6
 KEYS = 8  # keys per score tile of a row block: 8 accumulators, one vector of queries loaded per feature
 # fast math without "no infinities, no NaNs": a mask's -inf must stay -inf and weigh 0
 FAST = {"contract", "reassoc", "nsz", "arcp", "afn"}
@@ -273,11 +278,11 @@ def uses_row_blocks(rows: int) -> bool:
 
 def serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether ``attend`` takes these inputs: float32 on a CPU, one sequence of at most
-    MAX_QUERY_ROWS query rows, a head size in HEAD_DIMS, an additive float32 mask [1, 1, R, L]
-    with L at most the keys given."""
+    MAX_QUERY_ROWS query rows (NARROW_ROWS without row blocks), a head size in HEAD_DIMS, an
+    additive float32 mask [1, 1, R, L] with L at most the keys given."""
     return (query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32
             and mask is not None and mask.dtype == torch.float32 and query.dim() == 4 and query.shape[0] == 1
-            and query.shape[2] <= MAX_QUERY_ROWS and query.shape[-1] in HEAD_DIMS
+            and query.shape[2] <= (MAX_QUERY_ROWS if ROW_BLOCKS else NARROW_ROWS) and query.shape[-1] in HEAD_DIMS
             and mask.dim() == 4 and mask.shape[:2] == (1, 1) and mask.shape[2] == query.shape[2]
             and mask.shape[3] <= min(key.shape[2], value.shape[2]))
 

@@ -41,7 +41,8 @@ def test_attend_equals_sdpa_over_a_cache_buffer(dim, rows, heads, blocks, monkey
     k_buf, v_buf = (torch.randn(1, heads, length + spare, dim, generator=gen) for _ in range(2))
     k, v = k_buf[:, :, :length], v_buf[:, :, :length]
     mask = tree_mask(rows, past, gen)
-    assert serves(q, k, v, mask) and (heads == 1 or not k.is_contiguous())
+    assert serves(q, k, v, mask) == (blocks or rows <= cpu_attention.NARROW_ROWS)  # AVX2: SDPA for more
+    assert heads == 1 or not k.is_contiguous()
     got = attend(q, k, v, mask, dim**-0.5)
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=1e-5, atol=1e-5)
 
@@ -73,7 +74,7 @@ def test_row_blocks_read_a_transposed_mask_made_once_with_more_columns(monkeypat
     assert not transposed_mask(mask)[:, 20:].any()
 
 
-def test_serves_only_float32_cpu_inputs_it_has_a_kernel_for():
+def test_serves_only_float32_cpu_inputs_it_has_a_kernel_for(monkeypatch):
     q, k, mask = torch.zeros(1, 3, 4, 64), torch.zeros(1, 3, 10, 64), torch.zeros(1, 1, 4, 10)
     assert serves(q, k, k, mask)
     assert not serves(q, k, k, None)
@@ -85,6 +86,10 @@ def test_serves_only_float32_cpu_inputs_it_has_a_kernel_for():
     assert not serves(q, k, k, torch.zeros(1, 1, 5, 10))  # a row per query, not more
     many = cpu_attention.MAX_QUERY_ROWS + 1  # a prompt's prefill: SDPA's blocks suit it
     assert not serves(torch.zeros(1, 3, many, 64), k, k, torch.zeros(1, 1, many, 10))
+    monkeypatch.setattr(cpu_attention, "ROW_BLOCKS", False)  # AVX2: only a step's few rows, SDPA beats it above
+    rows = cpu_attention.NARROW_ROWS
+    assert serves(torch.zeros(1, 3, rows, 64), k, k, torch.zeros(1, 1, rows, 10))
+    assert not serves(torch.zeros(1, 3, rows + 1, 64), k, k, torch.zeros(1, 1, rows + 1, 10))
 
 
 def test_a_tree_forward_runs_the_kernel_and_equals_transformers_sdpa(monkeypatch):
@@ -141,7 +146,7 @@ def test_a_boolean_mask_is_made_additive_once_and_attends_through_the_kernel(mon
     from retrodraft.decode import tree_attention
 
     gen = torch.Generator().manual_seed(6)
-    past, rows = 9, 6
+    past, rows = 9, 3  # 6 packed rows: the kernel serves them on any machine
     q = torch.randn(1, 4, rows, 64, generator=gen)
     k, v = (torch.randn(1, 2, past + rows, 64, generator=gen) for _ in range(2))
     mask = torch.ones(rows, past + rows, dtype=torch.bool).tril(past)[None, None]  # causal after the cache
