@@ -10,10 +10,10 @@ BLAS that runs AVX2 code on AMD CPUs. On a 2-core Zen 5 VM at a 1024-token conte
 Two kernels, each one pass of scores, softmax and weighted sum of values per task, all tasks
 in parallel:
 
-- few rows (at most FEW per head: a step with no or few drafts; any count on machines
-  without AVX-512, where row blocks would spill their registers): a task is (head, 3 query
-  rows); scores are dot products along the head's features, the three rows' value sums stay
-  in registers;
+- few rows (at most FEW per head: a step with no or few drafts; on machines without
+  AVX-512, where row blocks would spill their registers, at most NARROW_ROWS, SDPA taking
+  more): a task is (head, 3 query rows); scores are dot products along the head's
+  features, the three rows' value sums stay in registers (on AVX-512);
 - row blocks (more rows): a task is (head, 16 query rows), one vector's lanes. Its scores
   run along the rows, keys broadcast against the block's transposed queries, so no dot
   product ends in a horizontal sum; softmax and the value sums are vector code
