@@ -10,15 +10,16 @@ BLAS that runs AVX2 code on AMD CPUs. On a 2-core Zen 5 VM at a 1024-token conte
 Two kernels, each one pass of scores, softmax and weighted sum of values per task, all tasks
 in parallel:
 
-- few rows (at most FEW per head: a step with no or few drafts; on machines without
-  AVX-512, where row blocks would spill their registers, at most NARROW_ROWS, SDPA taking
-  more): a task is (head, 3 query rows); scores are dot products along the head's
-  features, the three rows' value sums stay in registers (on AVX-512);
+- few rows (at most FEW per head: a step with no or few drafts): a task is (head, 3 query
+  rows); scores are dot products along the head's features, the three rows' value sums
+  stay in registers (on AVX-512; AVX2 spills some, and still beats SDPA there);
 - row blocks (more rows): a task is (head, 16 query rows), one vector's lanes. Its scores
   run along the rows, keys broadcast against the block's transposed queries, so no dot
   product ends in a horizontal sum; softmax and the value sums are vector code
   (``decode.simd``). It reads the mask transposed ([keys, rows]: ``transposed_mask``, made
-  once per forward by the caller).
+  once per forward by the caller). Its tiles take 8 keys of scores and value sums of 4 rows
+  by 64 features on AVX-512, 4 keys and 4 rows by 16 features where the registers are
+  AVX2's 16 (``narrow_row_block_attention``).
 
 The sums are the same in another order (and the exponential a polynomial accurate to a
 float32 ulp), so results agree with SDPA to float32 rounding.
@@ -39,14 +40,10 @@ from retrodraft.decode.simd import (LANES, WIDE_REGISTERS, add, exp_nonpositive,
 # above (a whole prompt in one forward), SDPA: its blocks suit long queries, and the scores would be large
 MAX_QUERY_ROWS = 512
 ROWS = 3  # query rows per few-rows task: their value accumulators (3 x 64 floats) take 12 of AVX-512's 32 registers
-FEW = 8  # query rows per head up to which the few-rows kernel runs (Zen 5 VM: the two tie at 9, row blocks lead at 15)
-ROW_BLOCKS = WIDE_REGISTERS  # the row-block kernel's 8-key score tile spills AVX2's registers: measured on AVX-512 only
+# query rows per head up to which the few-rows kernel runs (Zen 5 VM: the two tie at 9, row blocks lead
+# at 15; AVX2 code on a Zen 4 VM: few rows lead at 3 and 6, the narrow row blocks from 9)
+FEW = 8
 BLOCK = LANES  # query rows per row-block task
-# Without row blocks (AVX2), the few-rows kernel's 3 x 64 value accumulators spill the 16
-# registers: it takes only this many query rows per head there, and SDPA the rest. (AVX2 code
-# on a 2-core Zen 4 VM, 3 heads at 1024 keys: 0.71 of SDPA's time at 3 rows, 1.02 at 6, 1.09-
-# 1.64 from 9; at 4096 keys 0.57, 0.79, 0.94 at 9, 1.04-1.18 from 12.)
-NARROW_ROWS = 6
 KEYS = 8  # keys per score tile of a row block: 8 accumulators, one vector of queries loaded per feature
 # fast math without "no infinities, no NaNs": a mask's -inf must stay -inf and weigh 0
 FAST = {"contract", "reassoc", "nsz", "arcp", "afn"}
@@ -185,10 +182,11 @@ def _normalized(out, h, r, c, totals, q, y0, y1, y2, y3):
 
 
 @numba.njit(cache=True, fastmath=FAST, inline="always")
-def _block(q, k, v, mask_t, scale, s, out, h, r0):
+def _block(q, k, v, mask_t, scale, s, out, h, r0, narrow):
     """Rows r0 .. r0 + BLOCK of head h (fewer real ones in the last block; the rest are
     computed on zero queries and not stored). ``s``: the block's scores [L, BLOCK], keys
-    by rows, a view of the scratch."""
+    by rows, a view of the scratch. ``narrow`` (a constant once inlined): tiles that fit
+    AVX2's 16 registers, 4 keys of scores and value sums of 4 rows by 16 features."""
     rows, dim = q.shape[1:]
     length = mask_t.shape[0]
     qt = np.zeros((dim, BLOCK), np.float32)  # the block's queries, transposed: a vector per feature
@@ -197,7 +195,21 @@ def _block(q, k, v, mask_t, scale, s, out, h, r0):
             qt[d, i] = q[h, r0 + i, d]
     top = splat(-np.inf)
     j = 0
-    while j + KEYS <= length:  # scores, KEYS keys at a time: each key's features broadcast against the queries
+    # scores, a tile of keys at a time: each key's features broadcast against the queries
+    while narrow and j + 4 <= length:
+        a0 = a1 = a2 = a3 = splat(0.0)
+        for d in range(dim):
+            x = load(qt, (d, 0))
+            a0 = fma(splat(k[h, j, d]), x, a0)
+            a1 = fma(splat(k[h, j + 1, d]), x, a1)
+            a2 = fma(splat(k[h, j + 2, d]), x, a2)
+            a3 = fma(splat(k[h, j + 3, d]), x, a3)
+        top = _scored(s, mask_t, j, a0, scale, top)
+        top = _scored(s, mask_t, j + 1, a1, scale, top)
+        top = _scored(s, mask_t, j + 2, a2, scale, top)
+        top = _scored(s, mask_t, j + 3, a3, scale, top)
+        j += 4
+    while not narrow and j + KEYS <= length:
         a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = splat(0.0)
         for d in range(dim):
             x = load(qt, (d, 0))
@@ -230,7 +242,19 @@ def _block(q, k, v, mask_t, scale, s, out, h, r0):
         sums = add(sums, e)
     totals = np.empty(BLOCK, np.float32)
     store(totals, (0,), sums)
-    for b in range(0, min(BLOCK, rows - r0), 4):  # weighted sums of values: 4 rows by 64 features at a time
+    for b in range(0, min(BLOCK, rows - r0) if narrow else 0, 4):  # weighted sums of values: 4 rows by 16 features
+        for c in range(0, dim, LANES):
+            y0 = y1 = y2 = y3 = splat(0.0)
+            for j in range(length):
+                x = load(v[h, j], (c,))
+                y0 = fma(splat(s[j, b]), x, y0)
+                y1 = fma(splat(s[j, b + 1]), x, y1)
+                y2 = fma(splat(s[j, b + 2]), x, y2)
+                y3 = fma(splat(s[j, b + 3]), x, y3)
+            for i, y in ((0, y0), (1, y1), (2, y2), (3, y3)):
+                if r0 + b + i < out.shape[1]:
+                    store(out[h, r0 + b + i], (c,), mul(y, splat(np.float32(1.0) / totals[b + i])))
+    for b in range(0, 0 if narrow else min(BLOCK, rows - r0), 4):  # weighted sums of values: 4 rows by 64 features
         for c in range(0, dim, 64):
             y00 = y01 = y02 = y03 = y10 = y11 = y12 = y13 = splat(0.0)
             y20 = y21 = y22 = y23 = y30 = y31 = y32 = y33 = splat(0.0)
@@ -257,7 +281,24 @@ def row_block_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask_t: np.
     scale = splat(scale)
     for t in numba.prange(q.shape[0] * blocks):
         h, b = t // blocks, t % blocks
-        _block(q, k, v, mask_t[:, b * BLOCK : (b + 1) * BLOCK], scale, scores[h, b], out, h, b * BLOCK)
+        _block(q, k, v, mask_t[:, b * BLOCK : (b + 1) * BLOCK], scale, scores[h, b], out, h, b * BLOCK, False)
+
+
+@numba.njit(cache=True, parallel=True, fastmath=FAST)
+def narrow_row_block_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask_t: np.ndarray, scale: float,
+                               scores: np.ndarray, out: np.ndarray) -> None:
+    """``row_block_attention`` in tiles that fit AVX2's 16 registers (its own spill there). With
+    AVX2 code on a 2-core Zen 4 VM, 3 heads over 1024 keys, interleaved: 0.095 / 0.178 /
+    0.359 ms at 9 / 27 / 51 query rows against SDPA's 0.115 / 0.248 / 0.415 (torch's AVX2
+    kernels) and the AVX-512 tiles' 0.152 / 0.263 / 0.519."""
+    blocks = scores.shape[1]
+    scale = splat(scale)
+    for t in numba.prange(q.shape[0] * blocks):
+        h, b = t // blocks, t % blocks
+        _block(q, k, v, mask_t[:, b * BLOCK : (b + 1) * BLOCK], scale, scores[h, b], out, h, b * BLOCK, True)
+
+
+ROW_BLOCK_KERNEL = row_block_attention if WIDE_REGISTERS else narrow_row_block_attention
 
 
 def transposed_mask(mask: torch.Tensor) -> np.ndarray:
@@ -273,16 +314,16 @@ def transposed_mask(mask: torch.Tensor) -> np.ndarray:
 def uses_row_blocks(rows: int) -> bool:
     """Whether ``attend`` runs the row-block kernel for ``rows`` query rows per head (and so
     reads the mask transposed)."""
-    return ROW_BLOCKS and rows > FEW
+    return rows > FEW
 
 
 def serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether ``attend`` takes these inputs: float32 on a CPU, one sequence of at most
-    MAX_QUERY_ROWS query rows (NARROW_ROWS without row blocks), a head size in HEAD_DIMS, an
-    additive float32 mask [1, 1, R, L] with L at most the keys given."""
+    MAX_QUERY_ROWS query rows, a head size in HEAD_DIMS, an additive float32 mask [1, 1, R, L]
+    with L at most the keys given."""
     return (query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32
             and mask is not None and mask.dtype == torch.float32 and query.dim() == 4 and query.shape[0] == 1
-            and query.shape[2] <= (MAX_QUERY_ROWS if ROW_BLOCKS else NARROW_ROWS) and query.shape[-1] in HEAD_DIMS
+            and query.shape[2] <= MAX_QUERY_ROWS and query.shape[-1] in HEAD_DIMS
             and mask.dim() == 4 and mask.shape[:2] == (1, 1) and mask.shape[2] == query.shape[2]
             and mask.shape[3] <= min(key.shape[2], value.shape[2]))
 
@@ -313,7 +354,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     if uses_row_blocks(rows):
         mask_t = transposed_mask(mask) if mask_t is None else mask_t[:length]
         scores = np.empty((heads, padded(rows) // BLOCK, length, BLOCK), np.float32)
-        row_block_attention(q, _whole(key), _whole(value), mask_t, np.float32(scale), scores, out)
+        ROW_BLOCK_KERNEL(q, _whole(key), _whole(value), mask_t, np.float32(scale), scores, out)
     else:
         m = mask[0, 0]
         m = (m if m.stride(-1) == 1 else m.contiguous()).numpy()

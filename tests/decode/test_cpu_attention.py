@@ -29,11 +29,15 @@ def tree_mask(rows: int, past: int, gen: torch.Generator) -> torch.Tensor:
 # few rows: whole chunks of 3 rows, then 1 or 2 left over; row blocks: whole, partial, 8 keys and fewer left
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, cpu_attention.FEW, cpu_attention.FEW + 1, 16, 17, 27, 52])
 @pytest.mark.parametrize("heads", [1, 3])
-@pytest.mark.parametrize("blocks", [False, True])  # both kernels on any machine (AVX2 uses only the few-rows one)
-def test_attend_equals_sdpa_over_a_cache_buffer(dim, rows, heads, blocks, monkeypatch):
+# every kernel on any machine: few rows at any count, row blocks in AVX-512's tiles and in AVX2's
+@pytest.mark.parametrize("kernel", ["few", "row_block_attention", "narrow_row_block_attention"])
+def test_attend_equals_sdpa_over_a_cache_buffer(dim, rows, heads, kernel, monkeypatch):
     """Keys and values as the cache holds them (views of the first rows of a longer buffer:
     read in place), a mask shorter than the buffer, the result SDPA's to float32 rounding."""
-    monkeypatch.setattr(cpu_attention, "ROW_BLOCKS", blocks)
+    if kernel == "few":
+        monkeypatch.setattr(cpu_attention, "FEW", cpu_attention.MAX_QUERY_ROWS)
+    else:
+        monkeypatch.setattr(cpu_attention, "ROW_BLOCK_KERNEL", getattr(cpu_attention, kernel))
     gen = torch.Generator().manual_seed(dim * 100 + rows * 10 + heads)
     past, spare = 37, 11
     length = past + rows
@@ -41,14 +45,12 @@ def test_attend_equals_sdpa_over_a_cache_buffer(dim, rows, heads, blocks, monkey
     k_buf, v_buf = (torch.randn(1, heads, length + spare, dim, generator=gen) for _ in range(2))
     k, v = k_buf[:, :, :length], v_buf[:, :, :length]
     mask = tree_mask(rows, past, gen)
-    assert serves(q, k, v, mask) == (blocks or rows <= cpu_attention.NARROW_ROWS)  # AVX2: SDPA for more
-    assert heads == 1 or not k.is_contiguous()
+    assert serves(q, k, v, mask) and (heads == 1 or not k.is_contiguous())
     got = attend(q, k, v, mask, dim**-0.5)
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=1e-5, atol=1e-5)
 
 
-def test_a_mask_over_fewer_keys_than_given_uses_the_first_ones(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "ROW_BLOCKS", True)
+def test_a_mask_over_fewer_keys_than_given_uses_the_first_ones():
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, n, 64, generator=gen) for n in (4, 30, 30))
     for rows in (4, 20):  # both kernels
@@ -59,10 +61,9 @@ def test_a_mask_over_fewer_keys_than_given_uses_the_first_ones(monkeypatch):
                                                                   scale=0.125), rtol=1e-5, atol=1e-5)
 
 
-def test_row_blocks_read_a_transposed_mask_made_once_with_more_columns(monkeypatch):
+def test_row_blocks_read_a_transposed_mask_made_once_with_more_columns():
     """``packed_sdpa`` transposes a forward's mask once and hands every layer the same
     one, which may have more columns than a layer's mask (the first ones count)."""
-    monkeypatch.setattr(cpu_attention, "ROW_BLOCKS", True)
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 3, n, 64, generator=gen) for n in (20, 40, 40))
     mask = tree_mask(20, 20, gen)
@@ -74,7 +75,7 @@ def test_row_blocks_read_a_transposed_mask_made_once_with_more_columns(monkeypat
     assert not transposed_mask(mask)[:, 20:].any()
 
 
-def test_serves_only_float32_cpu_inputs_it_has_a_kernel_for(monkeypatch):
+def test_serves_only_float32_cpu_inputs_it_has_a_kernel_for():
     q, k, mask = torch.zeros(1, 3, 4, 64), torch.zeros(1, 3, 10, 64), torch.zeros(1, 1, 4, 10)
     assert serves(q, k, k, mask)
     assert not serves(q, k, k, None)
@@ -86,10 +87,6 @@ def test_serves_only_float32_cpu_inputs_it_has_a_kernel_for(monkeypatch):
     assert not serves(q, k, k, torch.zeros(1, 1, 5, 10))  # a row per query, not more
     many = cpu_attention.MAX_QUERY_ROWS + 1  # a prompt's prefill: SDPA's blocks suit it
     assert not serves(torch.zeros(1, 3, many, 64), k, k, torch.zeros(1, 1, many, 10))
-    monkeypatch.setattr(cpu_attention, "ROW_BLOCKS", False)  # AVX2: only a step's few rows, SDPA beats it above
-    rows = cpu_attention.NARROW_ROWS
-    assert serves(torch.zeros(1, 3, rows, 64), k, k, torch.zeros(1, 1, rows, 10))
-    assert not serves(torch.zeros(1, 3, rows + 1, 64), k, k, torch.zeros(1, 1, rows + 1, 10))
 
 
 def test_a_tree_forward_runs_the_kernel_and_equals_transformers_sdpa(monkeypatch):
@@ -105,10 +102,9 @@ def test_a_tree_forward_runs_the_kernel_and_equals_transformers_sdpa(monkeypatch
     tree = DraftTree.build([10, 11, 12, 14, 13], [-1, -1, 1, 0, 2])
     past = REPETITIVE.shape[1] - 1
     ids, positions, mask = tree_inputs(int(REPETITIVE[0, -1]), tree, past, model.device, model.dtype)
-    monkeypatch.setattr(cpu_attention, "ROW_BLOCKS", True)
     calls = []
-    real = cpu_attention.row_block_attention
-    monkeypatch.setattr(cpu_attention, "row_block_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = cpu_attention.ROW_BLOCK_KERNEL
+    monkeypatch.setattr(cpu_attention, "ROW_BLOCK_KERNEL", lambda *a: calls.append(a[0].shape) or real(*a))
     hidden = []
     for packed in (False, True):
         with torch.inference_mode(), packed_attention(model) if packed else torch.inference_mode():
@@ -146,7 +142,7 @@ def test_a_boolean_mask_is_made_additive_once_and_attends_through_the_kernel(mon
     from retrodraft.decode import tree_attention
 
     gen = torch.Generator().manual_seed(6)
-    past, rows = 9, 3  # 6 packed rows: the kernel serves them on any machine
+    past, rows = 9, 6
     q = torch.randn(1, 4, rows, 64, generator=gen)
     k, v = (torch.randn(1, 2, past + rows, 64, generator=gen) for _ in range(2))
     mask = torch.ones(rows, past + rows, dtype=torch.bool).tril(past)[None, None]  # causal after the cache
