@@ -14,7 +14,8 @@ horizontal sums, one contiguous stream per task. That copy is its price. Against
 products along the input features on the weights as the model holds them (the kernel this
 one replaced), a 17-row forward of SmolLM2-135M at a 1024-token context went from 47.5 to
 36.6 ms on a 2-core Zen 5 VM, and with AVX2 code on a 2-core Zen 4 VM from 87.5 to 51.5 ms
-(with SDPA taking the attention of more than 6 rows a head there: README, issue 10).
+(with SDPA taking the attention there; 47.2 with ``cpu_attention``'s tiles for AVX2: README,
+issue 10).
 
 Within ``skinny_linears(model)``, every float32 CPU ``nn.Linear`` of the model sends inputs
 of at most ``MAX_ROWS`` rows through the kernel (a prompt too: ``tree_attention.run_prompt``
