@@ -174,6 +174,23 @@ def _scored(s, mask_t, j, x, scale, top):
 
 
 @numba.njit(cache=True, fastmath=FAST, inline="always")
+def _keys4(k, h, j, d, x, a0, a1, a2, a3):
+    """Feature d of keys j .. j + 3 of head h, each broadcast against the block's queries'
+    ``x``, added to the keys' accumulators."""
+    return (fma(splat(k[h, j, d]), x, a0), fma(splat(k[h, j + 1, d]), x, a1),
+            fma(splat(k[h, j + 2, d]), x, a2), fma(splat(k[h, j + 3, d]), x, a3))
+
+
+@numba.njit(cache=True, fastmath=FAST, inline="always")
+def _scored4(s, mask_t, j, a0, a1, a2, a3, scale, top):
+    """``_scored`` for rows j .. j + 3 of the block's scores."""
+    top = _scored(s, mask_t, j, a0, scale, top)
+    top = _scored(s, mask_t, j + 1, a1, scale, top)
+    top = _scored(s, mask_t, j + 2, a2, scale, top)
+    return _scored(s, mask_t, j + 3, a3, scale, top)
+
+
+@numba.njit(cache=True, fastmath=FAST, inline="always")
 def _normalized(out, h, r, c, totals, q, y0, y1, y2, y3):
     """Store 64 features of block row q (row r of the output, if it is one) over its total."""
     if r < out.shape[1]:
@@ -199,36 +216,17 @@ def _block(q, k, v, mask_t, scale, s, out, h, r0, narrow):
     while narrow and j + 4 <= length:
         a0 = a1 = a2 = a3 = splat(0.0)
         for d in range(dim):
-            x = load(qt, (d, 0))
-            a0 = fma(splat(k[h, j, d]), x, a0)
-            a1 = fma(splat(k[h, j + 1, d]), x, a1)
-            a2 = fma(splat(k[h, j + 2, d]), x, a2)
-            a3 = fma(splat(k[h, j + 3, d]), x, a3)
-        top = _scored(s, mask_t, j, a0, scale, top)
-        top = _scored(s, mask_t, j + 1, a1, scale, top)
-        top = _scored(s, mask_t, j + 2, a2, scale, top)
-        top = _scored(s, mask_t, j + 3, a3, scale, top)
+            a0, a1, a2, a3 = _keys4(k, h, j, d, load(qt, (d, 0)), a0, a1, a2, a3)
+        top = _scored4(s, mask_t, j, a0, a1, a2, a3, scale, top)
         j += 4
     while not narrow and j + KEYS <= length:
         a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = splat(0.0)
         for d in range(dim):
             x = load(qt, (d, 0))
-            a0 = fma(splat(k[h, j, d]), x, a0)
-            a1 = fma(splat(k[h, j + 1, d]), x, a1)
-            a2 = fma(splat(k[h, j + 2, d]), x, a2)
-            a3 = fma(splat(k[h, j + 3, d]), x, a3)
-            a4 = fma(splat(k[h, j + 4, d]), x, a4)
-            a5 = fma(splat(k[h, j + 5, d]), x, a5)
-            a6 = fma(splat(k[h, j + 6, d]), x, a6)
-            a7 = fma(splat(k[h, j + 7, d]), x, a7)
-        top = _scored(s, mask_t, j, a0, scale, top)
-        top = _scored(s, mask_t, j + 1, a1, scale, top)
-        top = _scored(s, mask_t, j + 2, a2, scale, top)
-        top = _scored(s, mask_t, j + 3, a3, scale, top)
-        top = _scored(s, mask_t, j + 4, a4, scale, top)
-        top = _scored(s, mask_t, j + 5, a5, scale, top)
-        top = _scored(s, mask_t, j + 6, a6, scale, top)
-        top = _scored(s, mask_t, j + 7, a7, scale, top)
+            a0, a1, a2, a3 = _keys4(k, h, j, d, x, a0, a1, a2, a3)
+            a4, a5, a6, a7 = _keys4(k, h, j + 4, d, x, a4, a5, a6, a7)
+        top = _scored4(s, mask_t, j, a0, a1, a2, a3, scale, top)
+        top = _scored4(s, mask_t, j + 4, a4, a5, a6, a7, scale, top)
         j += KEYS
     for j in range(j, length):
         a0 = splat(0.0)
