@@ -49,6 +49,7 @@ MAX_ROWS = 128  # BLAS above (a whole prompt in one forward); from ~16 rows to h
 # registers hold a tile of 6 x 4 accumulators, else one (a vector of 16 is two of AVX2's 16
 # registers: a tile of 6 x 1 takes 12)
 PANEL = 4 * LANES if WIDE_REGISTERS else LANES
+PANEL_WIDTHS = (4 * LANES, LANES)  # the widths the kernel has tiles for: both run on any machine, exact
 TILE = 6  # input rows per panel tile
 CHUNK_BYTES = 16 * 1024  # of a panel per pass of every tile over it (stays in L1 between the tiles)
 AHEAD_BYTES = 32 * 1024  # of a panel between the row computed and the row prefetched
@@ -74,16 +75,13 @@ def prefetch(typingctx, arr, i, j):
     return sig, codegen
 
 
-# The tiles below are written out by hand, alike: each must be straight-line code over named
-# vectors for LLVM to keep its accumulators in registers (a loop over an array of them would
-# load and store them at every k).
 def panels_of(weight: np.ndarray, width: int = PANEL) -> np.ndarray:
     """A weight [N, K] re-laid out for ``rows_times_panels``: float32 [ceil(N / width), K,
     width], panel p holding output features p * width .. (p + 1) * width - 1 feature-minor
-    (zero past N), each panel one contiguous block. ``width``: 4 * LANES or LANES (this
+    (zero past N), each panel one contiguous block. ``width``: one of PANEL_WIDTHS (this
     machine's PANEL by default; the other one computes the same, slower)."""
-    if width not in (LANES, 4 * LANES):
-        raise ValueError(f"panels are {LANES} or {4 * LANES} features wide, not {width}")
+    if width not in PANEL_WIDTHS:
+        raise ValueError(f"panels are {' or '.join(map(str, sorted(PANEL_WIDTHS)))} features wide, not {width}")
     n, k = weight.shape
     panels = np.zeros((-(-n // width), width, k), np.float32)
     panels.reshape(-1, k)[:n] = weight
@@ -110,6 +108,9 @@ def _fetch(flat, row, t, passes):
         prefetch(flat, row, 16 * t)
 
 
+# The tiles below are written out by hand, alike: each must be straight-line code over named
+# vectors for LLVM to keep its accumulators in registers (a loop over an array of them would
+# load and store them at every k).
 @numba.njit(cache=True, fastmath=True, inline="always")
 def _panel_tile(x, panel, out, m, rows, k0, k1, flat, ahead, t, passes):
     """out[m:m + rows, :64] (rows <= 6) += x[m:m + rows, k0:k1] @ panel[k0:k1] (from zero
@@ -217,11 +218,11 @@ def rows_times_panels(x: np.ndarray, panels: np.ndarray, out: np.ndarray, best: 
     width = panels.shape[2]
     flat = panels.reshape(panels.shape[0] * k_len, width)
     passes = (m_rows + TILE - 1) // TILE
-    chunk = CHUNK_BYTES // (4 * width)
+    chunk, distance = CHUNK_BYTES // (4 * width), AHEAD_BYTES // (4 * width)  # in panel rows
     for p in numba.prange(panels.shape[0]):
         panel = panels[p]
         o = out[:, p * width : (p + 1) * width]
-        ahead = p * k_len + AHEAD_BYTES // (4 * width)
+        ahead = p * k_len + distance
         for k0 in range(0, k_len, chunk):
             k1 = min(k_len, k0 + chunk)
             for t in range(passes):

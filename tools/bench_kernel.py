@@ -52,7 +52,7 @@ from retrodraft.decode.budget import CostModel, forward_seconds
 from retrodraft.decode import cpu_attention
 from retrodraft.decode import norms as norm_pass
 from retrodraft.decode.simd import LANES, WIDE_REGISTERS, add, fma, lanes_sum, splat
-from retrodraft.decode.skinny import PANEL, multiply, panels_of
+from retrodraft.decode.skinny import PANEL, PANEL_WIDTHS, multiply, panels_of
 from retrodraft.decode.tree_attention import attention_shape, new_cache, prompt_rows, run_prompt, verification_kernels
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
@@ -89,18 +89,17 @@ def main(argv: list[str] | None = None) -> None:
 
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(1536, 576, generator=gen) for _ in range(30)]
-    widths = (4 * LANES, LANES)  # AVX-512's panels and the others': both kernels run anywhere, exact
-    panels = {width: [panels_of(w.numpy(), width) for w in weights] for width in widths}
-    blas, paneled = [], {width: [] for width in widths}
+    panels = {width: [panels_of(w.numpy(), width) for w in weights] for width in PANEL_WIDTHS}
+    blas, paneled = [], {width: [] for width in PANEL_WIDTHS}
     for m in ROWS:
         x = torch.randn(m, 576, generator=gen)
         blas.append(median_ms(lambda: [F.linear(x, w) for w in weights], args.reps))
-        for width in widths:
+        for width in PANEL_WIDTHS:
             paneled[width].append(median_ms(lambda: [multiply(x.numpy(), p) for p in panels[width]], args.reps))
     print(f"weights: 30 x (1536 x 576) float32, ms, {torch.get_num_threads()} threads\n")
     print("| rows | " + " | ".join(map(str, ROWS)) + " |\n|---|" + "---|" * len(ROWS))
     print(row("`F.linear` (BLAS)", blas))
-    for width in widths:
+    for width in PANEL_WIDTHS:
         print(row(f"`decode.skinny` kernel on panels of {width} features" + (" (used here)" if width == PANEL else ""),
                   paneled[width]))
 

@@ -7,18 +7,15 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from retrodraft.decode import skinny
-from retrodraft.decode.simd import LANES
-from retrodraft.decode.skinny import (MAX_ROWS, held_stack, held_weight, multiply, panels_of, skinny_linear,
-                                       skinny_linears)
-
-WIDTHS = [4 * LANES, LANES]  # AVX-512's panels and the others': both kernels run on any machine, exact
+from retrodraft.decode.skinny import (MAX_ROWS, PANEL_WIDTHS, held_stack, held_weight, multiply, panels_of,
+                                       skinny_linear, skinny_linears)
 
 
 # 6-row panel tiles, a part-filled one, and after full ones (on wide panels) the 3-row tile for 1-3 rows
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 15, 17, 65, MAX_ROWS])
 @pytest.mark.parametrize("out_features", [1, 4, 7, 192, 1030])  # prefetching reaches panels past the first ones
 @pytest.mark.parametrize("in_features", [96, 100, 130, 300])  # a row ending mid cache line; more than a chunk of k
-@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("width", PANEL_WIDTHS)
 def test_kernel_equals_f_linear(rows, out_features, in_features, width):
     g = torch.Generator().manual_seed(rows * 1000 + out_features)
     x = torch.randn(rows, in_features, generator=g)
@@ -34,7 +31,7 @@ def test_panels_come_in_the_widths_the_kernel_has_tiles_for(width):
         panels_of(np.ones((4, 8), np.float32), width)
 
 
-@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("width", PANEL_WIDTHS)
 def test_a_rows_products_on_panels_do_not_depend_on_the_rows_beside_it(width):
     """Every tile sums a row's products in the same order, so a verification row gives the
     same bits whether the tree is 6 nodes or 13: 1-3 rows after full tiles take a narrower
@@ -173,7 +170,7 @@ def test_linear_argmax_takes_the_first_maximum_from_the_kernels_tiles(monkeypatc
         assert logits[0, -1].max() < 0  # the padded panel's zeros would have won
 
 
-@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("width", PANEL_WIDTHS)
 @pytest.mark.parametrize("out_features", [16, 70, 1030])
 def test_first_argmax_from_the_tiles_maxima_on_either_width(width, out_features):
     g = torch.Generator().manual_seed(out_features)
