@@ -245,7 +245,14 @@ class TreeVerifier:
             return self._forward(r, mask, heads, want_topk)
         key = (r, want_topk)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(r, mask, want_topk)
+            try:
+                self._graphs[key] = self._capture(r, mask, want_topk)
+            except RuntimeError as e:  # a model whose forward waits on the host cannot be captured
+                logger.warning("could not capture the verify forward in a CUDA graph (%s); verifying without "
+                               "graphs from here on", str(e).splitlines()[0] if str(e) else type(e).__name__)
+                self.capture = False
+                self._graphs.clear()
+                return self._forward(r, mask, heads, want_topk)
         graph, outputs = self._graphs[key]
         graph.replay()
         return outputs

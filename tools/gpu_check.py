@@ -31,6 +31,8 @@ and prints a summary. Phases, in order:
 only (bfloat16 matrix products are slow on most CPUs), one qa question, no warm-up, a small
 random Llama instead of the 1B one, 5 sizes, 2 traces, a fixed budget of 8 (no cost-curve
 measurement for the default model).
+A phase that fails is recorded (its traceback under "errors"), the phases that do not need
+its result still run, the JSON is rewritten after every phase, and the exit status is 1.
 Spec-Bench and replay read --data (default: the shared data beside the checkout); without
 it they are skipped, saying so, and exactness uses a few built-in prompts.
 """
@@ -42,6 +44,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -166,28 +169,33 @@ def summary(report: dict) -> None:
     log(f"\n== gpu_check on {report['device_name']} ({report['device']}), torch {report['torch']}")
     if report.get("fused_kernels"):
         log(f"fused SDPA kernels accepting the verifier's layout: {report['fused_kernels']}")
-    for dtype, e in report["exactness"].items():
+    for dtype, e in report.get("exactness", {}).items():
         log(f"exactness {dtype}: ours diverged {e['ours_diverged']}/{e['prompts']}, "
             f"transformers prompt lookup diverged {e['prompt_lookup_diverged']}/{e['prompts']}")
-    for name, c in report["cost"].items():
+    for name, c in report.get("cost", {}).items():
         log(f"c(n) {name} ({c['dtype']}, context {c['context']}, 1 token = {1000 * c['seconds'][0]:.2f} ms): "
             + ", ".join(f"{n}: {x:.2f}" for n, x in zip(c["sizes"], c["costs"])))
-    s = report["specbench"]
+    s = report.get("specbench", {"skipped": "the phase failed"})
     if "skipped" in s:
         log(f"spec-bench skipped: {s['skipped']}")
     else:
         overall = {m: r["overall"] for m, r in s["results"].items()}
         log("spec-bench overall: " + ", ".join(f"{m} {r['speedup']:.2f}x ({r['mean_accepted']:.2f}/step)"
                                                for m, r in overall.items()))
+        groups = s["results"]["retrodraft"]
+        log("ours by group: " + ", ".join(f"{g} {r['speedup']:.2f}x" for g, r in groups.items() if g != "overall")
+            + f"; step-time prediction error (median) {groups['overall']['prediction_error']}")
         log(f"host time per step: {s['host_ms_per_step']:.2f} of {s['step_ms']:.2f} ms = "
             f"{100 * s['host_share_of_step']:.0f}%; outputs not identical to vanilla's: {s['not_identical']}")
-    r = report["replay"]
+    r = report.get("replay", {"skipped": "the phase failed"})
     if "skipped" in r:
         log(f"replay skipped: {r['skipped']}")
     else:
         o = r["by_category"]["overall"]
         log(f"replay on the {report['cost_1b_name']} curve: {o['mean_accepted']:.2f} tokens/step, "
             f"predicted {o['predicted_speedup']:.2f}x over our loop without drafts")
+    if report.get("errors"):
+        log(f"failed phases: {', '.join(report['errors'])}")
     log(f"phases (s): {report['seconds']}")
 
 
@@ -230,61 +238,93 @@ def main(argv: list[str] | None = None) -> None:
 
     import transformers
 
-    report: dict = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+    report: dict = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
+                    "python": platform.python_version(),
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                     or "cpu", "quick": quick, "argv": sys.argv[1:] if argv is None else argv,
                     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "seconds": {}}
     start = time.perf_counter()
+    failed = []
 
-    def phase(name: str) -> None:
+    def phase(name: str, run) -> None:
+        """Run one phase; a failure is recorded under its name (the traceback) and the
+        phases that do not need its result still run. The JSON is rewritten after each
+        phase, so a run cut short keeps what it measured."""
+        try:
+            run()
+        except Exception:  # noqa: BLE001  (one phase's failure must not lose the others' figures)
+            failed.append(name)
+            report.setdefault("errors", {})[name] = traceback.format_exc()
+            log(f"phase {name} failed:\n{traceback.format_exc()}")
         report["seconds"][name] = round(time.perf_counter() - start - sum(report["seconds"].values()), 1)
-        log(f"[{time.perf_counter() - start:6.1f}s] {name} done")
+        log(f"[{time.perf_counter() - start:6.1f}s] {name} {'failed' if name in failed else 'done'}")
+        args.out.write_text(json.dumps(report, indent=1))
 
     models = {}
-    for name in dtypes:
-        models[name] = load_model(device=device, dtype=DTYPES[name])
-    default_name = next((n for n in models if DTYPES[n] == default_dtype), None)
-    if default_name is None:
-        models[str(default_dtype).replace("torch.", "")] = load_model(device=device, dtype=default_dtype)
-        default_name = str(default_dtype).replace("torch.", "")
-    model, tokenizer = models[default_name]
-    report["fused_kernels"] = fused_kernels(model) if device.type == "cuda" else None
-    phase("load")
 
+    def load() -> None:
+        for name in dtypes:
+            models[name] = load_model(device=device, dtype=DTYPES[name])
+        default_name = str(default_dtype).replace("torch.", "")
+        if default_name not in models:
+            models[default_name] = load_model(device=device, dtype=default_dtype)
+        models["default"] = models[default_name]
+        report["fused_kernels"] = fused_kernels(models["default"][0]) if device.type == "cuda" else None
+
+    phase("load", load)
+    if "load" in failed:
+        summary(report)
+        sys.exit("the default model did not load; nothing else can run")
+    model, tokenizer = models["default"]
     prompts = prompts_for(data, tokenizer, prompts_n)
     report["exactness"] = {}
-    for name in dtypes:
+
+    def exact(name: str) -> None:
         m = models[name][0]
         if budget is None:
             CostModel.of(m).warm()
         report["exactness"][name] = exactness(m, prompts, max_new, budget)
-    phase("exactness")
 
-    big = random_llama(LLAMA_SMALL if quick else LLAMA_1B, device, torch.bfloat16)
+    for name in dtypes:
+        phase(f"exactness {name}", lambda: exact(name))
+
     report["cost_1b_name"] = "small random Llama (quick)" if quick else "1B-class random Llama"
-    report["cost"] = {"default model": cost_curve(model, context, sizes, reps),
-                      report["cost_1b_name"]: cost_curve(big, context, sizes, reps)}
-    curve_1b = report["cost"][report["cost_1b_name"]]
-    del big
-    phase("cost")
+    report["cost"] = {}
 
-    if data is None:
-        report["specbench"] = {"skipped": "no data folder (pass --data DIR with spec_bench/question.jsonl)"}
-    else:
+    def cost() -> None:
+        report["cost"]["default model"] = cost_curve(model, context, sizes, reps)
+        big = random_llama(LLAMA_SMALL if quick else LLAMA_1B, device, torch.bfloat16)
+        report["cost"][report["cost_1b_name"]] = cost_curve(big, context, sizes, reps)
+
+    phase("cost", cost)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the 1B model's memory
+
+    def bench() -> None:
+        if data is None:
+            report["specbench"] = {"skipped": "no data folder (pass --data DIR with spec_bench/question.jsonl)"}
+            return
         categories = {"qa"} if quick else None
         report["specbench"] = specbench(model, tokenizer, data, limit, categories, max_new, budget, 0 if quick else 1)
-    phase("specbench")
+        report["specbench"]["cost_model"] = CostModel.of(model).report()
 
-    traces = data / "traces" / "smollm2_specbench_dev.jsonl" if data is not None else None
-    if traces is None or not traces.is_file():
-        report["replay"] = {"skipped": f"no traces at {traces}"}
-    else:
-        report["replay"] = replay_prediction(traces, curve_1b, model.config.vocab_size, 2 if quick else None)
-    phase("replay")
+    phase("specbench", bench)
 
-    args.out.write_text(json.dumps(report, indent=1))
+    def replay() -> None:
+        traces = data / "traces" / "smollm2_specbench_dev.jsonl" if data is not None else None
+        curve_1b = report["cost"].get(report["cost_1b_name"])
+        if curve_1b is None:
+            report["replay"] = {"skipped": "no 1B-class cost curve (the cost phase failed)"}
+        elif traces is None or not traces.is_file():
+            report["replay"] = {"skipped": f"no traces at {traces}"}
+        else:
+            report["replay"] = replay_prediction(traces, curve_1b, model.config.vocab_size, 2 if quick else None)
+
+    phase("replay", replay)
     summary(report)
     log(f"wrote {args.out}")
+    if failed:
+        sys.exit(f"phases failed: {', '.join(failed)} (tracebacks under 'errors' in {args.out})")
 
 
 if __name__ == "__main__":

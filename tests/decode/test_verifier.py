@@ -71,6 +71,26 @@ def test_on_a_cpu_cuda_graphs_capture_nothing_and_verifiers_are_not_shared():
     assert not TreeVerifier.of(model, 100, 8).static  # the default on a CPU: dynamic shapes
 
 
+def test_a_failed_capture_falls_back_to_verifying_without_graphs(monkeypatch, caplog):
+    """A model whose forward waits on the host cannot be captured: the step runs uncaptured,
+    says so once, and the output is still model.generate's."""
+    model = tiny_model("llama")
+    verifier = TreeVerifier(model, 100, 8, cuda_graphs=True)
+    verifier.capture = True  # as on CUDA; the capture itself is made to fail as torch's would
+
+    def refuse(*args):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(verifier, "_capture", refuse)
+    monkeypatch.setattr(TreeVerifier, "of", classmethod(lambda cls, *a, **k: verifier))
+    with caplog.at_level("WARNING", logger="retrodraft.decode.verifier"):
+        out = generate(model, REPETITIVE, max_new_tokens=30, budget=8, eos_token_id=[], cuda_graphs=True)
+    assert torch.equal(out.sequences, vanilla(model, REPETITIVE, 30))
+    assert not verifier.capture and not verifier._graphs
+    warned = [r.getMessage() for r in caplog.records if "CUDA graph" in r.getMessage()]
+    assert len(warned) == 1 and "stream is capturing)" in warned[0]
+
+
 def test_rows_are_padded_to_the_next_bucket():
     model = tiny_model("llama")
     static = TreeVerifier(model, 100, 64, cuda_graphs=True)

@@ -47,3 +47,19 @@ def test_quick_cpu_run_writes_every_figure(tmp_path):
 def test_bad_arguments_are_clear_errors(tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
         gpu_check.main(["--out", str(tmp_path / "x.json"), *args])
+
+
+@pytest.mark.model
+def test_a_failing_phase_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no memory for the 1B model")
+
+    monkeypatch.setattr(gpu_check, "random_llama", broken)
+    out = tmp_path / "gpu.json"
+    with pytest.raises(SystemExit, match="phases failed: cost"):
+        gpu_check.main(["--device", "cpu", "--quick", "--out", str(out), "--data", str(tmp_path / "none")])
+    report = json.loads(out.read_text())
+    assert "no memory for the 1B model" in report["errors"]["cost"] and list(report["errors"]) == ["cost"]
+    assert report["exactness"]["float32"]["ours_diverged"] == 0  # the phase before still counts
+    assert "default model" in report["cost"]  # what the failed phase measured before failing is kept
+    assert "skipped" in report["specbench"] and "cost phase failed" in report["replay"]["skipped"]
