@@ -85,8 +85,11 @@ def first_of_siblings(tree: DraftTree) -> np.ndarray:
 
 def path_first(ancestors: torch.Tensor, row: torch.Tensor | int, index: torch.Tensor) -> torch.Tensor:
     """int64 [r]: the rows on the path to ``row`` (root first, in order), then the others.
-    ``index`` is arange(r) on the device."""
-    return torch.where(ancestors[row], index, index + index.shape[0]).argsort()
+    ``index`` is arange(r) on the device. A tensor ``row`` is read on the device: indexing
+    by a 0-d tensor would read it on the host (``.item()``), a sync that a CUDA graph
+    capture refuses."""
+    chosen = ancestors.index_select(0, row.view(1))[0] if isinstance(row, torch.Tensor) else ancestors[row]
+    return torch.where(chosen, index, index + index.shape[0]).argsort()
 
 
 def warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:

@@ -295,7 +295,7 @@ class TreeVerifier:
         logits, argmax = linear_argmax(self.model.get_output_embeddings(), hidden)  # [r, vocab], [r]
         ancestors = self._anc_d[: r * r].view(r, r)
         best, order = accept_greedy_on_device(argmax, ints[TOKENS, : r - 1], ints[PARENTS, : r - 1], ancestors)
-        answer = torch.stack([best, argmax[best]])
+        answer = torch.cat([best.view(1), argmax.index_select(0, best.view(1))])  # no host read (see path_first)
         if want_topk:
             answer = torch.cat([answer, top_k(logits, self.topk).view(-1)])
         return hidden, logits, best, order, answer

@@ -38,7 +38,8 @@ def test_graphs_are_captured_once_and_reused_across_calls():
     captured = dict(verifier._graphs)
     assert captured and verifier.capture
     second = generate(model, ids, max_new_tokens=30, budget=8, eos_token_id=[])
-    assert TreeVerifier._shared[model] is verifier and verifier._graphs == captured
+    # the second call may pad a tree to a bucket the first never used, and capture it then
+    assert TreeVerifier._shared[model] is verifier and captured.items() <= verifier._graphs.items()
     assert torch.equal(first.sequences, second.sequences)
 
 

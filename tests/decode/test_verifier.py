@@ -6,6 +6,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from hypothesis import given, settings, strategies as st
 
 from conftest import tiny_model
@@ -89,6 +90,40 @@ def test_a_failed_capture_falls_back_to_verifying_without_graphs(monkeypatch, ca
     assert not verifier.capture and not verifier._graphs
     warned = [r.getMessage() for r in caplog.records if "CUDA graph" in r.getMessage()]
     assert len(warned) == 1 and "stream is capturing)" in warned[0]
+
+
+class HostReads(TorchDispatchMode):
+    """Records every operation that reads a tensor's value on the host (a sync on CUDA, and
+    an error inside a CUDA graph capture)."""
+    READS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal", "masked_select", "_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.READS:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("want_topk", [False, True])
+def test_the_captured_forward_never_reads_a_value_on_the_host(arch, dtype, want_topk):
+    """What a CUDA graph captures (``_forward``: forward, LM head, greedy acceptance) may not
+    wait on the device. On CUDA such a read fails the capture; here each is recorded."""
+    model = tiny_model(arch).to(dtype)
+    verifier = TreeVerifier(model, 100, 8, cuda_graphs=True)
+    tree = DraftTree.build(np.array([3, 4, 5, 6]), np.array([-1, 0, 1, 0]))
+    with verification_kernels(model), torch.inference_mode():
+        verifier.prefill(torch.randint(0, 50, (1, 30)))
+        r = verifier.rows(len(tree))
+        verifier._stage(tree, 1, 29, r)
+        mask = verifier._write_mask(29, r)
+        with HostReads() as reads:
+            verifier._forward(r, mask, True, want_topk)
+    assert reads.seen == []
 
 
 def test_rows_are_padded_to_the_next_bucket():
