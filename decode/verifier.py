@@ -127,6 +127,23 @@ class TreeVerifier:
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self.wait_seconds = 0.0  # time blocked on the device's answer, summed over steps
 
+    def warm(self) -> TreeVerifier:
+        """Capture every size bucket's forward now, with and without top-k rows, so that no
+        step of a timed or served call pays for a capture (each is a few forwards); a no-op
+        without capture. Returns the verifier, emptied."""
+        if self.capture:
+            with verification_kernels(self.model), torch.inference_mode():  # as generate captures them
+                for b in self.buckets:
+                    r = b + 1
+                    self._stage(DraftTree.build(np.zeros(b, np.int32), np.arange(b) - 1), 0, 0, r)
+                    mask = self._write_mask(0, r)
+                    for want_topk in (False, True):
+                        if (r, want_topk) not in self._graphs:
+                            self._run(r, mask, True, want_topk)
+            logger.info("captured the verify forward for %d tree sizes", len(self.buckets))
+        self.reset()
+        return self
+
     def reset(self) -> None:
         """Empty the cache (buffers, mask and graphs stay)."""
         self.cache.writes.slots = None

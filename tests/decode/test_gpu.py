@@ -43,6 +43,17 @@ def test_graphs_are_captured_once_and_reused_across_calls():
     assert torch.equal(first.sequences, second.sequences)
 
 
+def test_a_warmed_verifier_serves_generate_without_capturing_again():
+    model = tiny_model("llama").to("cuda")
+    ids = REPETITIVE.to("cuda")
+    verifier = TreeVerifier.of(model, 512, 8).warm()
+    captured = dict(verifier._graphs)
+    assert len(captured) == 2 * len(verifier.buckets)
+    out = generate(model, ids, max_new_tokens=30, budget=8, eos_token_id=[])
+    assert TreeVerifier._shared[model] is verifier and verifier._graphs == captured
+    assert torch.equal(out.sequences, vanilla(model, ids, 30))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_memory_efficient_kernel_takes_the_verifier_layout(dtype):
     model = tiny_model("llama").to("cuda", dtype)  # head_dim 8: the kernel needs a multiple of 8

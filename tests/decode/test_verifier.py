@@ -92,6 +92,31 @@ def test_a_failed_capture_falls_back_to_verifying_without_graphs(monkeypatch, ca
     assert len(warned) == 1 and "stream is capturing)" in warned[0]
 
 
+def test_warm_captures_every_bucket_with_and_without_top_k_and_leaves_the_cache_empty(monkeypatch):
+    """The capture itself needs CUDA (tests/decode/test_gpu.py); here it is recorded, and
+    the recorded forwards replayed, to check what ``warm`` asks for and what it leaves."""
+    model = tiny_model("llama")
+    verifier = TreeVerifier(model, 100, 8, cuda_graphs=True)
+    verifier.capture = True
+    asked = []
+
+    class Replay:
+        def replay(self):
+            pass
+
+    def record(r, mask, want_topk):
+        asked.append((r, want_topk))
+        assert mask.shape[-2] == verifier.groups * r  # the mask view the steps will use
+        return Replay(), verifier._forward(r, mask, True, want_topk)
+
+    monkeypatch.setattr(verifier, "_capture", record)
+    assert verifier.warm() is verifier
+    assert sorted(asked) == sorted((b + 1, t) for b in (0, 1, 2, 3, 4, 6, 8) for t in (False, True))
+    assert verifier.cache.get_seq_length() == 0
+    verifier.warm()
+    assert len(asked) == 14  # captured once
+
+
 class HostReads(TorchDispatchMode):
     """Records every operation that reads a tensor's value on the host (a sync on CUDA, and
     an error inside a CUDA graph capture)."""
