@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
                     or "cpu", "quick": quick, "argv": sys.argv[1:] if argv is None else argv,
                     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "seconds": {}}
     start = time.perf_counter()
-    failed = []
+    failed = report.setdefault("errors", {})  # phase name -> traceback
 
     def phase(name: str, run) -> None:
         """Run one phase; a failure is recorded under its name (the traceback) and the
@@ -261,9 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             run()
         except Exception:  # noqa: BLE001  (one phase's failure must not lose the others' figures)
-            failed.append(name)
-            report.setdefault("errors", {})[name] = traceback.format_exc()
-            log(f"phase {name} failed:\n{traceback.format_exc()}")
+            failed[name] = traceback.format_exc()
+            log(f"phase {name} failed:\n{failed[name]}")
         report["seconds"][name] = round(time.perf_counter() - start - sum(report["seconds"].values()), 1)
         log(f"[{time.perf_counter() - start:6.1f}s] {name} {'failed' if name in failed else 'done'}")
         args.out.write_text(json.dumps(report, indent=1))
