@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from retrodraft.decode.acceptance import accept_greedy_on_device, accept_sampling, first_of_siblings, path_first
-from retrodraft.decode.budget import SIZES
 from retrodraft.decode.skinny import KernelSettings, linear_argmax
 from retrodraft.retrieval.config import DEFAULT
 from retrodraft.decode.tree_attention import (ancestor_matrix, attention_shape, compact_cache, mask_groups, new_cache,
@@ -54,6 +53,13 @@ IDS, POSITIONS, SLOTS, TOKENS, PARENTS = range(5)  # rows of the staged int64 [5
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def graph_capacity(capacity: int) -> int:
+    """The capacity ``TreeVerifier.of`` gives a verifier with graphs for ``capacity``
+    positions: a power of two, at least 512, so that calls of similar lengths share one (its
+    static attention spans all of it)."""
+    return 1 << max(9, (capacity - 1).bit_length())
 
 
 class TreeVerifier:
@@ -76,11 +82,10 @@ class TreeVerifier:
 
     @classmethod
     def of(cls, model, capacity: int, max_nodes: int, cuda_graphs: bool | None = None,
-           sizes: tuple[int, ...] = SIZES, topk: int = DEFAULT.topk) -> TreeVerifier:
+           sizes: tuple[int, ...] = DEFAULT.cost_sizes, topk: int = DEFAULT.topk) -> TreeVerifier:
         """A verifier for ``model`` with room for ``capacity`` positions, emptied. With CUDA
         graphs the last one is reused when large enough, so its graphs are captured once
-        per process (its capacity is rounded up to a power of two, at least 512, so that
-        calls of similar lengths share it); otherwise a new one."""
+        per process (its capacity rounded up by ``graph_capacity``); otherwise a new one."""
         graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if not (graphs and model.device.type == "cuda"):
             return cls(model, capacity, max_nodes, cuda_graphs, sizes, topk)
@@ -93,12 +98,11 @@ class TreeVerifier:
             del cls._shared[model]
             del old
             torch.cuda.empty_cache()
-        size = 1 << max(9, (capacity - 1).bit_length())
-        cls._shared[model] = verifier = cls(model, size, max_nodes, True, sizes, topk)
+        cls._shared[model] = verifier = cls(model, graph_capacity(capacity), max_nodes, True, sizes, topk)
         return verifier
 
     def __init__(self, model, capacity: int, max_nodes: int, cuda_graphs: bool | None = None,
-                 sizes: tuple[int, ...] = SIZES, topk: int = DEFAULT.topk):
+                 sizes: tuple[int, ...] = DEFAULT.cost_sizes, topk: int = DEFAULT.topk):
         device = model.device
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
@@ -330,7 +334,7 @@ def top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def verify_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: int = 5,
+def verify_seconds(model, context: int, sizes: tuple[int, ...] = DEFAULT.cost_sizes, reps: int = 5,
                    cuda_graphs: bool | None = None) -> list[float]:
     """Seconds of one greedy ``TreeVerifier.verify`` step as ``generate`` runs it (staging,
     mask, forward, LM head, acceptance on the device and the copy back; CUDA graphs per

@@ -19,9 +19,11 @@ and prints a summary. Phases, in order:
               device's default dtype, and a Llama-shaped 1B-class model with random weights
               in bfloat16 (hidden 2048, 16 layers, 32 query / 8 key-value heads, vocabulary
               128256).
-  specbench   vanilla model.generate, transformers' prompt lookup, our loop without drafts
-              and ours (default drafters): --limit questions per group, speedups, outputs
-              identical to vanilla's, mean accepted tokens, and our host time per step
+  specbench   vanilla model.generate, transformers' prompt lookup, our loop without drafts,
+              our loop with prompt lookup alone and with the suffix drafter alone (the best
+              single drafters on a CPU) and ours (default drafters): --limit questions per
+              group, speedups, outputs identical to vanilla's, mean accepted tokens, ours
+              against its best single drafter, and our host time per step
               (drafting, Python, launches: step time not spent waiting for the device) as a
               share of step time.
   replay      acceptance replayed over the recorded traces with every drafter fused, each
@@ -61,7 +63,7 @@ from retrodraft.tools.generate import chat_ids
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIRS = (ROOT.parent / "shared" / "data", ROOT / "shared" / "data")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SPECBENCH_METHODS = ("vanilla", "prompt_lookup", "no_drafts", "retrodraft")
+SPECBENCH_METHODS = ("vanilla", "prompt_lookup", "no_drafts", "drafter:prompt_lookup", "drafter:suffix", "retrodraft")
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True)
 LLAMA_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -193,6 +195,12 @@ def summary(report: dict) -> None:
         groups = s["results"]["retrodraft"]
         log("ours by group: " + ", ".join(f"{g} {r['speedup']:.2f}x" for g, r in groups.items() if g != "overall")
             + f"; step-time prediction error (median) {groups['overall']['prediction_error']}")
+        singles = [m for m in overall if m.startswith("drafter:")]
+        if singles:
+            best = max(singles, key=lambda m: overall[m]["speedup"])
+            log(f"ours / best single drafter ({best}): "
+                f"{overall['retrodraft']['speedup'] / overall[best]['speedup']:.2f}; speculation's own share "
+                f"(ours / no_drafts): {overall['retrodraft']['speedup'] / overall['no_drafts']['speedup']:.2f}")
         log(f"host time per step: {s['host_ms_per_step']:.2f} of {s['step_ms']:.2f} ms = "
             f"{100 * s['host_share_of_step']:.0f}%; outputs not identical to vanilla's: {s['not_identical']}")
     r = report.get("replay", {"skipped": "the phase failed"})

@@ -218,6 +218,26 @@ def test_each_size_takes_the_faster_linear_path():
     assert fit(kernel).kernel == (True,) * len(SIZES)  # BLAS not timed: the kernel everywhere
 
 
+def test_with_graphs_the_whole_verify_step_is_timed(monkeypatch):
+    """On CUDA the prior times what a step runs there, TreeVerifier.verify with static shapes
+    (on a CPU without capture), not the eager forward."""
+    from retrodraft.decode.verifier import TreeVerifier
+
+    model = tiny_model("llama")
+    calls = []
+    real = TreeVerifier.verify
+    monkeypatch.setattr(TreeVerifier, "verify", lambda self, tree, *a, **k: calls.append((self, len(tree)))
+                        or real(self, tree, *a, **k))
+    seconds = budget.time_rounds(model, 50, (0, 4), 2, graphs=True)
+    assert seconds.shape == (2, 1, 2) and np.all(seconds > 0)
+    assert [n for _, n in calls] == [0, 4] * 3  # a warm-up round, then 2 interleaved
+    verifier = calls[0][0]
+    assert verifier.static and all(v is verifier for v, _ in calls)
+    assert budget.time_rounds(model, 50, (0, 4), 1).shape == (1, 1, 2) and len(calls) == 6  # on a CPU: the forward
+    with pytest.raises(ValueError, match="CPU paths"):
+        budget.time_rounds(model, 50, (0, 4), 1, (True, False), graphs=True)
+
+
 def test_a_size_between_measured_ones_takes_the_path_of_the_one_below():
     flags = [n not in (4, 32, 48, 64) for n in SIZES]
     rows = CostCurve(SIZES, tuple(TRUE_COSTS), kernel=tuple(flags)).kernel_rows()

@@ -54,6 +54,27 @@ def test_a_warmed_verifier_serves_generate_without_capturing_again():
     assert torch.equal(out.sequences, vanilla(model, ids, 30))
 
 
+def test_the_cost_prior_times_replayed_steps_beside_the_verifier_of_the_call(monkeypatch, tmp_path):
+    """A bucket is measured when a call first reaches it: on a verifier of its own, with
+    graphs, leaving the call's verifier and its cache alone."""
+    from retrodraft.decode import budget
+
+    monkeypatch.setenv("RETRODRAFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(budget, "ROUNDS", 2)
+    monkeypatch.setattr(budget, "RETRIES", 0)
+    model = tiny_model("llama").to("cuda")
+    ids = REPETITIVE.to("cuda")
+    used = []
+    real = TreeVerifier.verify
+    monkeypatch.setattr(TreeVerifier, "verify", lambda self, *a, **k: used.append(self) or real(self, *a, **k))
+    out = generate(model, ids, max_new_tokens=30, eos_token_id=[])  # measures its bucket's curve first
+    timing, call = used[0], TreeVerifier._shared[model]
+    timed = 3 * len(budget.SIZES)  # a warm-up round and 2
+    assert timing is not call and timing.capture and {r for r, _ in timing._graphs} == {n + 1 for n in budget.SIZES}
+    assert used[:timed] == [timing] * timed and used[timed:] == [call] * (len(used) - timed)
+    assert torch.equal(out.sequences, vanilla(model, ids, 30))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_memory_efficient_kernel_takes_the_verifier_layout(dtype):
     model = tiny_model("llama").to("cuda", dtype)  # head_dim 8: the kernel needs a multiple of 8

@@ -31,9 +31,10 @@ def test_quick_cpu_run_writes_every_figure(tmp_path):
         assert curve["sizes"] == [0, 1, 2, 4, 8] and curve["costs"][0] == 1.0 and min(curve["seconds"]) > 0
     if data.is_dir():
         s = report["specbench"]
-        assert set(s["results"]) == {"vanilla", "prompt_lookup", "no_drafts", "retrodraft"}
+        assert set(s["results"]) == set(gpu_check.SPECBENCH_METHODS)
         assert s["not_identical"]["retrodraft"] == 0 and 0 < s["host_share_of_step"] <= 1
         assert report["replay"]["by_category"]["overall"]["predicted_speedup"] > 0
+        assert "ours / best single drafter (drafter:" in done.stdout
     else:
         assert "skipped" in report["specbench"] and "skipped" in report["replay"]
     assert "exactness float32: ours diverged 0/2" in done.stdout
