@@ -242,9 +242,11 @@ def fit(seconds: np.ndarray, blas: np.ndarray | None = None) -> CostCurve:
                      tuple(kernel.tolist()))
 
 
-def measure(model, context: int, rounds: int = ROUNDS) -> CostCurve:
-    """c(n) at ``SIZES`` over a cache of ``context`` tokens. Timed again (at most RETRIES more
-    times) while the spread exceeds SPREAD_LIMIT; the least noisy attempt is returned."""
+def measure(model, context: int, rounds: int | None = None) -> CostCurve:
+    """c(n) at ``SIZES`` over a cache of ``context`` tokens, in ``rounds`` rounds (None:
+    ROUNDS, read now). Timed again (at most RETRIES more times) while the spread exceeds
+    SPREAD_LIMIT; the least noisy attempt is returned."""
+    rounds = ROUNDS if rounds is None else rounds
     logger.info("measuring the cost of verification at a %d-token context (%d rounds of %d sizes, once per "
                 "machine; cached under %s)", context, rounds, len(SIZES), cache_dir() / "cost")
     best = None

@@ -1,7 +1,8 @@
 """The GPU measurements in one command: exactness, cost curves, Spec-Bench, host share, replay.
 
 usage: python tools/gpu_check.py --out gpu.json [--device cuda] [--quick] [--prompts N] [--limit N]
-                                 [--max-new-tokens N] [--budget N] [--dtypes float32,bfloat16] [--data DIR]
+                                 [--max-new-tokens N] [--budget N] [--dtypes float32,bfloat16]
+                                 [--bench-dtype float32] [--data DIR]
 
 Installs and downloads nothing (the 1B-class model has random weights, built from a config)
 and takes under 8 minutes on one GPU with the defaults. Writes every figure as JSON to --out
@@ -228,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", type=int, default=None,
                     help="fixed tree size for ours (default: automatic on the measured cost curve; quick 8)")
     ap.add_argument("--dtypes", default=None, help="dtypes for exactness (default float32,bfloat16; quick float32)")
+    ap.add_argument("--bench-dtype", default=None, choices=list(DTYPES),
+                    help="dtype of the default model for cost and Spec-Bench (default bfloat16 on CUDA, else "
+                         "float32; float32 keeps every output identical to model.generate's)")
     ap.add_argument("--data", type=Path, default=next((d for d in DATA_DIRS if d.is_dir()), None),
                     help="folder with spec_bench/question.jsonl and traces/ (default: ../shared/data)")
     args = ap.parse_args(argv)
@@ -249,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     except (RuntimeError, AssertionError) as e:
         sys.exit(f"device {args.device!r} is not usable here: {e}")
     data = args.data if args.data is not None and args.data.is_dir() else None
-    default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    default_dtype = DTYPES[args.bench_dtype] if args.bench_dtype else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
     context, sizes, reps = (64, (0, 1, 2, 4, 8), 1) if quick else (1024, SIZES, 5)
 
     import transformers
