@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 SIZES = DEFAULT.cost_sizes  # reasons for both in SpeculationConfig
 BUCKETS = DEFAULT.cost_contexts
-VERIFY_PATH = 13  # bumped when the verification forward changes, so cached curves are re-measured
+VERIFY_PATH = 14  # bumped when the verification forward changes, so cached curves are re-measured
 CACHE_FORMAT = 3  # the cache file's layout (2: spread, seconds of a 0-node step, the learned state; 3: the path)
 ROUNDS = 9  # interleaved rounds over all sizes (after one warm-up round)
 SPREAD_LIMIT = 0.10  # median relative interquartile range above which the machine was busy: measure again

@@ -197,6 +197,25 @@ def test_the_mask_buffer_is_clean_after_each_step():
     assert not verifier._mask.any()
 
 
+def test_a_step_without_drafts_on_a_cpu_runs_the_attention_kernel(monkeypatch):
+    """The kernel serves masked attention only: a 0-node step gets a mask of zeros (left
+    unmasked it went to SDPA, 10% slower at 1024 cached tokens), and the output stays
+    model.generate's."""
+    import transformers as tf
+    from retrodraft.decode import cpu_attention
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=256,
+                                               num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2)).eval()  # 64-dimensional heads
+    calls = []
+    real = cpu_attention.attend
+    monkeypatch.setattr(cpu_attention, "attend", lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k))
+    out = generate(model, REPETITIVE, max_new_tokens=12, drafters=[], eos_token_id=[])
+    assert calls[-2 * 11:] == [2] * 2 * 11  # the last 11 steps, both layers: one row packed with its group's other
+    assert torch.equal(out.sequences, vanilla(model, REPETITIVE, 12))
+
+
 @st.composite
 def trees_and_argmax(draw):
     """A tree over 4 tokens (siblings may repeat a token) and an argmax per row."""
