@@ -147,7 +147,8 @@ def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int
                                                        leave=False) as bar:
         routed, passing = settings.kernel_rows, settings.layers  # an enclosing generate call's, restored below
         try:
-            steps = (_verify_steps if graphs else _forward_steps)(model, context, sizes, kernel, layers, settings)
+            steps = (_verify_steps(model, context, sizes, settings) if graphs
+                     else _forward_steps(model, context, sizes, kernel, layers, settings))
             for r in range(rounds + 1):
                 for i, row in enumerate(steps):
                     for p, step in enumerate(row):
@@ -194,7 +195,7 @@ def _forward_steps(model, context, sizes, kernel, layers, settings) -> list[list
              for route, passing in zip(routes, layers)] for chain in chains]
 
 
-def _verify_steps(model, context, sizes, kernel, layers, settings) -> list[list]:
+def _verify_steps(model, context, sizes, settings) -> list[list]:
     """Per size: a call timing one greedy ``TreeVerifier.verify`` step with static shapes
     (``time_rounds``)."""
     ids, chains = _chains(model, context, sizes)
@@ -216,7 +217,8 @@ def _verify_steps(model, context, sizes, kernel, layers, settings) -> list[list]
 def forward_seconds(model, context: int, sizes: tuple[int, ...] = SIZES, reps: int = ROUNDS,
                     kernel: tuple[bool, ...] = (True,), layers: tuple[bool, ...] | None = None) -> list[list[float]]:
     """Seconds of a verification forward for each path in ``kernel`` (and ``layers``) and n in
-    ``sizes`` (see ``time_rounds``): the median of ``reps`` interleaved rounds."""
+    ``sizes`` (see ``time_rounds``: on CUDA the whole replayed verify step): the median of
+    ``reps`` interleaved rounds."""
     return np.median(time_rounds(model, context, sizes, reps, kernel, layers=layers), axis=0).tolist()
 
 

@@ -336,32 +336,6 @@ def top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-@torch.inference_mode()
-def verify_seconds(model, context: int, sizes: tuple[int, ...] = DEFAULT.cost_sizes, reps: int = 5,
-                   cuda_graphs: bool | None = None) -> list[float]:
-    """Seconds of one greedy ``TreeVerifier.verify`` step as ``generate`` runs it (staging,
-    mask, forward, LM head, acceptance on the device and the copy back; CUDA graphs per
-    ``cuda_graphs``) for a chain of n random drafts over ``context`` random cached tokens,
-    for each n in ``sizes``: the median of ``reps`` after two uncounted runs (which capture
-    the graphs). Divided by the n = 0 figure this is c(n) for this path."""
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    verifier = TreeVerifier(model, context + max(sizes) + 1, max(sizes), cuda_graphs)
-    seconds = []
-    with verification_kernels(model):
-        verifier.prefill(torch.randint(0, vocab, (1, context + 1), generator=gen))
-        for n in sizes:
-            chain = DraftTree.build(torch.randint(0, vocab, (n,), generator=gen).numpy(), np.arange(n) - 1)
-            times = []
-            for _ in range(reps + 2):
-                t = time.perf_counter()
-                verifier.verify(chain, 0, context, None, False)  # ends with the copy back: no sync needed
-                times.append(time.perf_counter() - t)
-                truncate_cache(verifier.cache, context)
-            seconds.append(float(np.median(times[2:])))
-    return seconds
-
-
 def fused_kernels(model, context: int = 1024, nodes: int = 64) -> dict[str, bool]:
     """Which of SDPA's fused CUDA kernels accept the attention of a verification step of
     ``nodes`` nodes over ``context`` cached tokens as this module lays it out (packed query

@@ -15,11 +15,11 @@ and prints a summary. Phases, in order:
               same --prompts prompts: how many outputs diverge, and where first. In float32
               ours must never diverge; in bfloat16 a forward over n rows may round
               differently from one over 1 row, so near-ties can flip, for both.
-  cost        c(n) for n in decode.budget.SIZES through the verifier's path as generate runs
-              it (CUDA graphs on CUDA), over a 1024-token context: the default model in the
-              device's default dtype, and a Llama-shaped 1B-class model with random weights
-              in bfloat16 (hidden 2048, 16 layers, 32 query / 8 key-value heads, vocabulary
-              128256).
+  cost        c(n) for n in decode.budget.SIZES as the cost model times it (on CUDA the
+              whole verify step replayed from its CUDA graph), over a 1024-token context:
+              the default model in the device's default dtype, and a Llama-shaped 1B-class
+              model with random weights in bfloat16 (hidden 2048, 16 layers, 32 query / 8
+              key-value heads, vocabulary 128256).
   specbench   vanilla model.generate, transformers' prompt lookup, our loop without drafts,
               our loop with prompt lookup alone and with the suffix drafter alone (the best
               single drafters on a CPU) and ours (default drafters): --limit questions per
@@ -53,9 +53,9 @@ from pathlib import Path
 import torch
 
 from retrodraft.decode import generate, load_model
-from retrodraft.decode.budget import SIZES, CostCurve, CostModel
+from retrodraft.decode.budget import SIZES, CostCurve, CostModel, forward_seconds
 from retrodraft.decode.replay import load_traces, replay_all
-from retrodraft.decode.verifier import TreeVerifier, fused_kernels, verify_seconds
+from retrodraft.decode.verifier import TreeVerifier, fused_kernels
 from retrodraft.retrieval.config import DEFAULT
 from retrodraft.retrieval.online import OnlineState
 from retrodraft.tools.bench import drafter_pool, load_questions, longest_context, methods, summarize, time_methods
@@ -134,8 +134,9 @@ def random_llama(config: dict, device: torch.device, dtype: torch.dtype):
 
 
 def cost_curve(model, context: int, sizes: tuple[int, ...], reps: int) -> dict:
-    """c(n) through the verifier's path, with the seconds behind it."""
-    seconds = verify_seconds(model, context, sizes, reps)
+    """c(n) as the cost model times it (on CUDA the replayed verify step; on a CPU the forward),
+    the median of ``reps`` interleaved rounds, with the seconds behind it."""
+    seconds = forward_seconds(model, context, sizes, reps)[0]
     return {"context": context, "dtype": str(model.dtype).replace("torch.", ""), "sizes": list(sizes),
             "seconds": seconds, "costs": [s / seconds[0] for s in seconds]}
 
