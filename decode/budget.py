@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from retrodraft.decode.costfit import PRIOR_WEIGHT, TRUST, CurveLearner, HostLearner, isotonic, through_pools
 from retrodraft.decode.model import cache_dir
-from retrodraft.decode.skinny import MAX_ROWS, linear_argmax, serves
+from retrodraft.decode.skinny import MAX_ROWS, KernelSettings, linear_argmax, serves
 from retrodraft.decode.tree_attention import new_cache, run_prompt, verification_kernels, tree_inputs, truncate_cache
 from retrodraft.decode.verifier import TreeVerifier, graph_capacity
 from retrodraft.retrieval.config import DEFAULT
@@ -148,7 +148,7 @@ def time_rounds(model, context: int, sizes: tuple[int, ...] = SIZES, rounds: int
         routed, passing = settings.kernel_rows, settings.layers  # an enclosing generate call's, restored below
         try:
             steps = (_verify_steps(model, context, sizes, settings) if graphs
-                     else _forward_steps(model, context, sizes, kernel, layers, settings))
+                     else forward_steps(model, context, sizes, kernel, layers, settings))
             for r in range(rounds + 1):
                 for i, row in enumerate(steps):
                     for p, step in enumerate(row):
@@ -168,8 +168,11 @@ def _chains(model, context: int, sizes: tuple[int, ...]) -> tuple[torch.Tensor, 
                  for n in sizes]
 
 
-def _forward_steps(model, context, sizes, kernel, layers, settings) -> list[list]:
-    """Per size, per path: a call timing one eager verification forward (``time_rounds``)."""
+def forward_steps(model, context: int, sizes: tuple[int, ...], kernel: tuple[bool, ...],
+                  layers: tuple[bool, ...] | None, settings: KernelSettings) -> list[list]:
+    """Per size, per path (``time_rounds``' ``kernel`` and ``layers``): a call running one
+    eager verification forward of 1 + n tokens after ``context`` random ones and returning its
+    seconds; within ``verification_kernels(model)``, whose ``settings`` these are."""
     device = model.device
     ids, chains = _chains(model, context, sizes)
     cache = new_cache(model, context + max(sizes) + 1)

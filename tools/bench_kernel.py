@@ -22,7 +22,10 @@ interleaved, after a warm-up round, as the cost curve is measured):
             this machine's float32 multiply-add peak (measured: vector FMAs on every thread),
             the share of that peak the measured forward reached, and the least c(n) the peak
             allows (a forward can be no faster than its arithmetic at the peak, nor than the
-            0-node forward, which streams the weights)
+            0-node forward, which streams the weights); then the forward's time outside the
+            linear and attention kernels (Python, norms, rotary embedding, copies: a forward
+            timed with the kernels clocked), and the least c(n) with the 0-node forward's
+            outside time added to the kernels at the peak (no forward spends less outside them)
   prefill   the prompt of --context tokens run into a fresh cache in one forward (BLAS and
             SDPA) and as ``generate`` runs it (``tree_attention.run_prompt``: forwards of
             ``prompt_rows`` rows through the kernels), interleaved
@@ -34,8 +37,10 @@ the faster of the two where the cost curve was measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
+from typing import Iterator
 
 
 from retrodraft.tools.threads import short_openmp_spin
@@ -48,8 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from retrodraft.decode import load_model
-from retrodraft.decode.budget import CostModel, forward_seconds
-from retrodraft.decode import cpu_attention
+from retrodraft.decode.budget import CostModel, forward_seconds, forward_steps
+from retrodraft.decode import cpu_attention, skinny
 from retrodraft.decode import norms as norm_pass
 from retrodraft.decode.simd import LANES, WIDE_REGISTERS, add, fma, lanes_sum, splat
 from retrodraft.decode.skinny import PANEL, PANEL_WIDTHS, multiply, panels_of
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     print(row("`decode.skinny` kernel, the decoder layers' own forward", [s * 1000 for s in own_layers]))
     print(row("`decode.skinny` kernel and `decode.decoder_layers`' pass (what generate runs)",
               [s * 1000 for s in with_kernel]))
-    roofline(model, args.context, with_kernel)
+    roofline(model, args.context, with_kernel, outside_kernels(model, args.context, args.reps))
     norms(model, args.reps)
     prefill(model, args.context, args.reps)
 
@@ -171,9 +176,54 @@ def forward_flops(model, context: int, n: int) -> float:
     return 2.0 * rows * weights + attention
 
 
-def roofline(model, context: int, seconds: list[float]) -> None:
+# the arithmetic forward_flops counts: the linear layers' kernel and attention's two (module, name) pairs
+KERNELS = ((skinny, "rows_times_panels"), (cpu_attention, "ROW_BLOCK_KERNEL"), (cpu_attention, "few_rows_attention"))
+
+
+@contextlib.contextmanager
+def kernel_clock() -> Iterator[list[float]]:
+    """Within the block, every call of the KERNELS adds its seconds to the yielded one-item
+    list (their callers look them up in their modules at each call)."""
+    spent = [0.0]
+
+    def clocked(kernel):
+        def call(*args):
+            t = time.perf_counter()
+            kernel(*args)
+            spent[0] += time.perf_counter() - t
+
+        return call
+
+    originals = [getattr(module, name) for module, name in KERNELS]
+    for (module, name), kernel in zip(KERNELS, originals):
+        setattr(module, name, clocked(kernel))
+    try:
+        yield spent
+    finally:
+        for (module, name), kernel in zip(KERNELS, originals):
+            setattr(module, name, kernel)
+
+
+@torch.inference_mode()
+def outside_kernels(model, context: int, reps: int) -> list[float]:
+    """Seconds of a verification forward (decode.decoder_layers' pass) spent outside the
+    KERNELS, per n in TREE_SIZES: each forward's time less its kernels', the median of
+    ``reps`` interleaved rounds after a warm-up one."""
+    outside = np.empty((reps + 1, len(TREE_SIZES)))
+    with verification_kernels(model) as settings:
+        steps = forward_steps(model, context, TREE_SIZES, (True,), None, settings)
+        with kernel_clock() as spent:
+            for r in range(reps + 1):
+                for i, (step,) in enumerate(steps):
+                    before = spent[0]
+                    seconds = step()
+                    outside[r, i] = seconds - (spent[0] - before)
+    return np.median(outside[1:], axis=0).tolist()
+
+
+def roofline(model, context: int, seconds: list[float], outside: list[float]) -> None:
     """The roofline table (see the module's docstring) for the forward's measured ``seconds``
-    at TREE_SIZES (decode.decoder_layers' pass)."""
+    at TREE_SIZES (decode.decoder_layers' pass) and their time ``outside`` the kernels."""
     peak = fma_peak()
     flops = [forward_flops(model, context, n) for n in TREE_SIZES]
     print(f"\nroofline: float32 multiply-add peak {peak / 1e9:.0f} GFLOP/s on {numba.get_num_threads()} threads\n")
@@ -183,6 +233,10 @@ def roofline(model, context: int, seconds: list[float]) -> None:
     print(row("measured forward (the pass), % of the peak", [100 * f / peak / s for f, s in zip(flops, seconds)], 0))
     print(row("least c(n) the peak allows", [max(seconds[0], f / peak) / seconds[0] for f in flops], 2))
     print(row("measured c(n)", [s / seconds[0] for s in seconds], 2))
+    print(row("time outside the kernels, ms", [s * 1000 for s in outside]))
+    streamed = seconds[0] - outside[0]  # the 0-node forward's kernels: the weights streamed
+    print(row("least c(n), the 0-node forward's time outside the kernels added",
+              [(outside[0] + max(streamed, f / peak)) / seconds[0] for f in flops], 2))
 
 
 @torch.inference_mode()
